@@ -1,0 +1,97 @@
+"""torchvision ResNet backbones returning multi-scale feature maps with their padding masks.
+
+No weights are downloaded: ``weights=None`` unless a local state-dict file is given. Batch norm is frozen
+only when pretrained weights are loaded; from scratch the normalisation trains (batch or group norm).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+# stride of each ResNet stage and its output channels per depth
+_STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+_CHANNELS = {
+    "resnet18": [64, 128, 256, 512],
+    "resnet34": [64, 128, 256, 512],
+    "resnet50": [256, 512, 1024, 2048],
+    "resnet101": [256, 512, 1024, 2048],
+}
+
+
+def _norm_layer(norm: str):
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return partial(_group_norm, groups=32)
+    raise ValueError(f"backbone norm must be one of frozen_bn, bn, gn; got {norm!r}")
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+class Backbone(nn.Module):
+    """A ResNet trunk that returns the feature maps of the requested strides.
+
+    Args:
+        name: resnet18 | resnet34 | resnet50 | resnet101.
+        strides: output strides to return, a subset of (4, 8, 16, 32), e.g. (32,) for Conditional DETR
+            or (8, 16, 32) for Deformable DETR.
+        weights: optional path to a local torchvision state dict (never downloaded).
+        norm: "auto" (frozen_bn with weights, bn without), or frozen_bn | bn | gn.
+        train_backbone: if False, all backbone parameters are frozen.
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        strides: tuple[int, ...] = (32,),
+        weights: str | None = None,
+        norm: str = "auto",
+        train_backbone: bool = True,
+    ):
+        super().__init__()
+        if name not in _CHANNELS:
+            raise ValueError(f"backbone must be one of {sorted(_CHANNELS)}; got {name!r}")
+        if norm == "auto":
+            norm = "frozen_bn" if weights else "bn"
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm))
+        if weights:
+            state = torch.load(Path(weights), map_location="cpu", weights_only=True)
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            bad = [k for k in missing if not k.startswith("fc.")] + [k for k in unexpected if not k.startswith("fc.")]
+            if bad:
+                raise ValueError(f"{weights}: backbone weights do not fit {name}: {bad[:5]}")
+        stage_of = {s: n for n, s in _STAGE_STRIDES.items()}
+        bad_strides = [s for s in strides if s not in stage_of]
+        if bad_strides:
+            raise ValueError(f"backbone strides must be in (4, 8, 16, 32); got {bad_strides}")
+        self.strides = tuple(sorted(strides))
+        return_layers = {stage_of[s]: str(i) for i, s in enumerate(self.strides)}
+        self.body = IntermediateLayerGetter(net, return_layers=return_layers)
+        stage_index = {"layer1": 0, "layer2": 1, "layer3": 2, "layer4": 3}
+        self.num_channels = [_CHANNELS[name][stage_index[stage_of[s]]] for s in self.strides]
+        if not train_backbone:
+            for p in self.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """images: [B, 3, H, W]; mask: [B, H, W] bool, True on padding.
+
+        Returns a list (one per stride, finest first) of (features [B, C_i, H_i, W_i], mask [B, H_i, W_i]).
+        """
+        out = []
+        for feat in self.body(images).values():
+            m = F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
+            out.append((feat, m))
+        return out
