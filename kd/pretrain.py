@@ -43,6 +43,11 @@ class PretrainConfig:
     seed: int = 0
 
 
+def _crop(image: Image.Image, box: tuple[float, ...], size: int) -> np.ndarray:
+    """Crop ``box`` (x0, y0, x1, y1; may leave the image, filled with black) and resize to size x size."""
+    return np.asarray(image.crop(tuple(round(v) for v in box)).resize((size, size), Image.BILINEAR))
+
+
 def extract_crops(
     coco: COCO, img_dir: Path, crop_size: int, context: float, background_per_image: int, seed: int
 ) -> tuple[Tensor, Tensor]:
@@ -62,14 +67,19 @@ def extract_crops(
             x, y, w, h = a["bbox"]
             jitter = rng.uniform(-0.1, 0.1, size=4) * [w, h, w, h]
             pad_w, pad_h = context * w, context * h
-            box = (x - pad_w + jitter[0], y - pad_h + jitter[1], x + w + pad_w + jitter[2], y + h + pad_h + jitter[3])
-            crops.append(np.asarray(image.resize((crop_size, crop_size), Image.BILINEAR, box=box)))
+            box = (
+                x - pad_w + jitter[0],
+                y - pad_h + jitter[1],
+                x + w + pad_w + jitter[2],
+                y + h + pad_h + jitter[3],
+            )
+            crops.append(_crop(image, box, crop_size))
             labels.append(cat_to_label[a["category_id"]])
         for _ in range(background_per_image):
             side = rng.uniform(0.15, 0.5) * min(info["width"], info["height"])
             x0 = rng.uniform(0, info["width"] - side)
             y0 = rng.uniform(0, info["height"] - side)
-            crops.append(np.asarray(image.resize((crop_size, crop_size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))))
+            crops.append(_crop(image, (x0, y0, x0 + side, y0 + side), crop_size))
             labels.append(0)
     stacked = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
     return stacked, torch.tensor(labels, dtype=torch.int64)
@@ -97,14 +107,16 @@ def pretrain_backbone(
     start = time.time()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    crops, labels = extract_crops(coco, Path(img_dir), cfg.crop_size, cfg.context, cfg.background_per_image, cfg.seed)
+    crops, labels = extract_crops(
+        coco, Path(img_dir), cfg.crop_size, cfg.context, cfg.background_per_image, cfg.seed
+    )
     num_classes = int(labels.max()) + 1
     net = getattr(torchvision.models, cfg.backbone)(weights=None, num_classes=num_classes)
     steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
-    log(f"pretrain {cfg.backbone}: {len(labels)} crops, {num_classes - 1} categories + background, {total} steps")
+    log(f"pretrain {cfg.backbone}: {len(labels)} crops, {num_classes - 1} categories + bg, {total} steps")
     net.train()
     stats = {"loss": math.nan, "accuracy": math.nan}
     for epoch in range(cfg.epochs):
@@ -129,5 +141,3 @@ def pretrain_backbone(
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
     save_torch_atomic(state, out_path)
     return {**stats, "crops": float(len(labels)), "seconds": time.time() - start}
-
-

@@ -15,7 +15,7 @@ def test_multiscale_shapes(name, channels):
     mask[1, :, 48:] = True
     outs = net(images, mask)
     assert net.num_channels == channels
-    for (feat, m), stride, c in zip(outs, (8, 16, 32), channels):
+    for (feat, m), stride, c in zip(outs, (8, 16, 32), channels, strict=True):
         assert feat.shape == (2, c, 64 // stride, 96 // stride)
         assert m.shape == (2, 64 // stride, 96 // stride)
         assert not m[0].any() and m[1, :, -1].all() and not m[1, :, 0].any()

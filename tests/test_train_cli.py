@@ -1,0 +1,125 @@
+"""Tests for kd/train.py (``python -m kd.train``): bad input handling and a real few-iteration run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd.checkpoint import load_checkpoint
+from kd.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kd.train", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "model.nope=1"], "error: --set model.nope: unknown key"),
+        (
+            ["--set", "teacher.model.num_queries=0"],
+            "error: teacher.model.num_queries: expected a positive integer",
+        ),
+        (["--set", "teacher.train.lr=-1e-4"], "error: teacher.train.lr: expected a number > 0.0"),
+        (["--params", "missing.yaml"], "error: missing.yaml: cannot read params file"),
+    ],
+)
+def test_bad_params_exit_2_one_line_nothing_written(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = ["--role", "teacher", "--params", str(PARAMS), "--out", str(out), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_subprocess_bad_yaml_no_traceback(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model: [unclosed\n")
+    proc = run_cli(["--role", "student", "--params", str(bad), "--out", str(tmp_path / "out")], cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {bad}: invalid YAML") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_needs_eval_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--role", "teacher", "--out", str(tmp_path), "--checkpoint", "x.pt"])
+    assert info.value.code == 2 and "--checkpoint needs --eval-only" in capsys.readouterr().err
+
+
+def test_eval_only_with_corrupt_checkpoint_names_it(tmp_path, capsys):
+    ckpt = tmp_path / "broken.pt"
+    ckpt.write_bytes(b"\x00" * 64)
+    args = [
+        "--role",
+        "teacher",
+        "--params",
+        str(PARAMS),
+        "--out",
+        str(tmp_path / "o"),
+        "--eval-only",
+        "--checkpoint",
+        str(ckpt),
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {ckpt}: truncated or corrupt checkpoint") and "\n" not in err
+
+
+TINY = [
+    "model.arch=conditional_detr",
+    "model.strides=[32]",
+    "model.num_queries=8",
+    "model.dn_groups=0",
+    "student.model.hidden_dim=32",
+    "student.model.ffn_dim=64",
+    "student.model.enc_layers=1",
+    "student.model.dec_layers=1",
+    "student.train.batch_size=2",
+    "student.train.epochs=1",
+    "student.train.warmup_iters=1",
+    "data.transforms.train_sizes=[64]",
+    "data.transforms.val_size=64",
+    "data.transforms.max_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from kd.data.synthetic import SyntheticConfig, generate
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(
+        SyntheticConfig(num_train=4, num_val=2, min_side=64, max_side=64, max_objects=3), root, workers=1
+    )
+    return root
+
+
+@pytest.mark.slow
+def test_real_training_resume_and_eval_only(tmp_path, tiny_data):
+    out = tmp_path / "student"
+    sets = [a for kv in [*TINY, f"data.root={tiny_data}"] for a in ("--set", kv)]
+    base = ["--role", "student", "--params", str(PARAMS), "--out", str(out), "--max-iters", "1", *sets]
+    assert main(base) == 0
+    first = load_checkpoint(out / "last.pt")
+    assert (first["epoch"], first["step"], first["config"]["arch"]) == (0, 1, "conditional_detr")
+    assert main([*base, "--set", "student.train.epochs=2"]) == 0  # resumes from last.pt for one more epoch
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["step"] == 2 and summary["val"]["epoch"] == 1 and 0 <= summary["val"]["AP"] <= 100
+    assert (out / "plots" / "train.tsv").read_text().count("\n") == 3  # header + 2 epochs
+    assert main([*base, "--eval-only", "--checkpoint", str(out / "last.pt")]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["AP"] == pytest.approx(summary["val"]["AP"])
+    second = load_checkpoint(out / "last.pt")
+    assert not torch.equal(first["model"]["class_embed.weight"], second["model"]["class_embed.weight"])
