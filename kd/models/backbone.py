@@ -69,7 +69,9 @@ class Backbone(nn.Module):
         if weights:
             state = torch.load(Path(weights), map_location="cpu", weights_only=True)
             missing, unexpected = net.load_state_dict(state, strict=False)
-            bad = [k for k in missing if not k.startswith("fc.")] + [k for k in unexpected if not k.startswith("fc.")]
+            bad = [k for k in missing if not k.startswith("fc.")] + [
+                k for k in unexpected if not k.startswith("fc.")
+            ]
             if bad:
                 raise ValueError(f"{weights}: backbone weights do not fit {name}: {bad[:5]}")
         stage_of = {s: n for n, s in _STAGE_STRIDES.items()}

@@ -11,22 +11,31 @@ from torch import Tensor, nn
 class PositionEmbeddingSine(nn.Module):
     """2-D sine encoding of a padded feature map, normalised to the unpadded extent (DETR).
 
-    Returns [B, 2*num_pos_feats, H, W] for a padding mask [B, H, W] (True on padding).
+    ``offset`` is added to the 1-based cumulative positions before normalising: 0 in DETR, Conditional and
+    DAB-DETR, -0.5 in Deformable DETR. Returns [B, 2*num_pos_feats, H, W] for a padding mask [B, H, W]
+    (True on padding).
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi):
+    def __init__(
+        self,
+        num_pos_feats: int = 128,
+        temperature: float = 10000.0,
+        scale: float = 2 * math.pi,
+        offset: float = 0.0,
+    ):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.scale = scale
+        self.offset = offset
 
     def forward(self, mask: Tensor) -> Tensor:
         not_mask = (~mask).to(torch.float32)
         y_embed = not_mask.cumsum(1)
         x_embed = not_mask.cumsum(2)
         eps = 1e-6
-        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+        y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x_embed[:, :, :, None] / dim_t
