@@ -112,8 +112,13 @@ def criterion_loss(criterion: nn.Module) -> LossFn:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.AdamW:
     """AdamW with three parameter groups, matched by name: ``backbone.*`` at ``lr_backbone``, Deformable
     DETR's ``sampling_offsets`` / ``reference_points`` at ``lr * lr_linear_proj_mult``, the rest (and the
-    trainable parameters of ``extra``, e.g. distiller adapters) at ``lr``. Frozen parameters are skipped."""
+    trainable parameters of ``extra``, e.g. distiller adapters) at ``lr``. Frozen parameters are skipped.
+    ``lr_backbone == 0`` freezes the backbone, as DETR's ``train_backbone = lr_backbone > 0``."""
     lr_backbone = cfg.lr if cfg.lr_backbone is None else cfg.lr_backbone
+    if lr_backbone == 0:
+        for name, p in unwrap(model).named_parameters():
+            if name.startswith("backbone.") or ".backbone." in name:
+                p.requires_grad_(False)
     groups: dict[str, dict] = {
         "main": {"name": "main", "params": [], "lr": cfg.lr},
         "backbone": {"name": "backbone", "params": [], "lr": lr_backbone},

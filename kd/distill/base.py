@@ -36,6 +36,11 @@ class Distiller(nn.Module):
         in the respective model's ``query_format``. Default: none."""
         return {}, {}
 
+    def student_queries(self, teacher_out: DetectorOutput, groups: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Student groups that depend on the teacher's output this step (e.g. a two-stage teacher's
+        per-image proposals as KD-DETR specific points); called after the teacher's forward."""
+        return groups
+
     def forward(
         self,
         teacher_out: DetectorOutput,
@@ -74,6 +79,7 @@ class DistillLoss(nn.Module):
         attn = self.distiller.needs_attention
         with torch.no_grad():
             t_out = self.teacher(images, mask, extra_queries=t_groups or None, return_attention=attn)
+        s_groups = self.distiller.student_queries(t_out, s_groups)
         s_out = model(images, mask, targets=targets, extra_queries=s_groups or None, return_attention=attn)
         losses = self.criterion(s_out, targets)
         losses.update(self.distiller(t_out, s_out, targets, self.criterion.last_indices))
