@@ -63,8 +63,9 @@ def run(
         eval_only: evaluate ``checkpoint`` (default ``out_dir/best.pt``, else ``last.pt``) and write the
             metrics to ``metrics_path`` (default ``out_dir/eval.json``).
         device: "cpu" | "cuda" | None (CUDA when available).
-        loss_factory: ``(model, criterion) -> loss_fn`` replacing the plain detection loss (distillation);
-            a loss_fn that is an ``nn.Module`` has its trainable parameters optimised and checkpointed.
+        loss_factory: ``(model, criterion) -> loss_fn`` replacing the plain detection loss; a loss_fn that
+            is an ``nn.Module`` has its trainable parameters optimised and checkpointed. Default for the
+            student: ``distill.method`` of ``params`` (:mod:`kd.distill.build`), the plain loss when none.
 
     Returns the metrics summary (training) or the evaluation metrics.
     """
@@ -106,6 +107,10 @@ def run(
         return metrics
 
     seed_everything(cfg.seed + info.rank, deterministic=info.device.type == "cpu")  # per-rank dropout streams
+    if loss_factory is None and role == "student":
+        from kd.distill.build import loss_factory as distill_factory
+
+        loss_factory = distill_factory(params)  # None unless distill.method is set
     loss_fn = loss_factory(model, criterion) if loss_factory else criterion_loss(criterion)
     extra = loss_fn if isinstance(loss_fn, nn.Module) else None
     if info.world_size > 1:
