@@ -81,3 +81,19 @@ def learning_curves(run_dirs: dict[str, str | Path], metric: str = "AP") -> Figu
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def loss_terms(run_dir: str | Path) -> Figure:
+    """Each logged loss term per epoch, decoder layers summed (``loss_x_0 + loss_x_1`` -> ``loss_x``)."""
+    t = pd.read_csv(Path(run_dir) / "plots" / "train.tsv", sep="\t")
+    terms = [c for c in t.columns if c.startswith("loss_")]
+    base = sorted({c.rstrip("0123456789").rstrip("_") for c in terms})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name in base:
+        cols = [c for c in terms if c == name or c.rstrip("0123456789").rstrip("_") == name]
+        ax.plot(t["epoch"], t[cols].sum(axis=1), marker=".", label=name)
+    ax.set(xlabel="epoch", ylabel="weighted loss (sum over layers)", yscale="log")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,37 @@
+"""Published checkpoints as teachers: convert a HF transformers directory into the project's checkpoint.
+
+GPU users with a published teacher skip the teacher-training stage: the converted model is written as
+``<out_dir>/best.pt`` (and ``last.pt``) in the one checkpoint format, evaluated on the validation split,
+and then used by the distillation stages exactly like a trained teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kd.checkpoint import save_checkpoint
+from kd.io import write_json_atomic
+
+
+def import_teacher(hf_dir: str | Path, params: dict, out_dir: str | Path) -> dict:
+    """Convert ``hf_dir`` (a ``save_pretrained`` directory) with :func:`kd.models.convert.from_hf`, save it
+    under ``out_dir`` and return its validation metrics.
+
+    The converted model's config must agree with ``params``' teacher (architecture, sizes, classes); a
+    mismatch is reported when the distillation stages load it.
+    """
+    from kd.models.convert import config_from_hf, from_hf
+    from kd.train import run
+
+    hf_dir = Path(hf_dir)
+    model = from_hf(hf_dir)
+    config = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    out_dir = Path(out_dir)
+    for name in ("last.pt", "best.pt"):
+        save_checkpoint(
+            out_dir / name, model, epoch=0, step=0, config=config, metrics={"source": str(hf_dir)}
+        )
+    metrics = run(params, "teacher", out_dir, eval_only=True, checkpoint=out_dir / "best.pt")
+    write_json_atomic(out_dir / "metrics.json", {"imported_from": str(hf_dir), "best": metrics})
+    return metrics
