@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +10,7 @@ from torch.testing import assert_close
 
 from kd.models.backbone import Backbone
 from kd.models.conditional_detr import ConditionalDETR
+from kd.models.convert import HF_CONDITIONAL_DECODER, HF_CONDITIONAL_ENCODER, kd_to_hf_state
 from kd.models.transformer_layers import encode_single_scale
 
 HIDDEN, QUERIES, CLASSES, LAYERS = 32, 10, 5, 2
@@ -187,37 +186,7 @@ def test_bad_extra_queries_raise():
 
 
 # --- port and prove: the HF transformers port of the official code, weights copied from ours -------------
-
-_HF_DECODER = [
-    (r"self_attn\.q_content_proj", "sa_qcontent_proj"), (r"self_attn\.q_pos_proj", "sa_qpos_proj"),
-    (r"self_attn\.k_content_proj", "sa_kcontent_proj"), (r"self_attn\.k_pos_proj", "sa_kpos_proj"),
-    (r"self_attn\.v_proj", "sa_v_proj"), (r"self_attn\.o_proj", "self_attn.out_proj"),
-    (r"self_attn_layer_norm", "norm1"), (r"encoder_attn\.q_content_proj", "ca_qcontent_proj"),
-    (r"encoder_attn\.q_pos_proj", "ca_qpos_proj"), (r"encoder_attn\.k_content_proj", "ca_kcontent_proj"),
-    (r"encoder_attn\.k_pos_proj", "ca_kpos_proj"), (r"encoder_attn\.v_proj", "ca_v_proj"),
-    (r"encoder_attn\.q_pos_sine_proj", "ca_qpos_sine_proj"), (r"encoder_attn\.o_proj", "cross_attn.out_proj"),
-    (r"encoder_attn_layer_norm", "norm2"), (r"mlp\.fc1", "linear1"), (r"mlp\.fc2", "linear2"),
-    (r"final_layer_norm", "norm3"), (r"^layernorm", "norm"),
-]  # fmt: skip
-_HF_ENCODER = [
-    (r"self_attn\.o_proj", "self_attn.out_proj"), (r"self_attn_layer_norm", "norm1"),
-    (r"mlp\.fc1", "linear1"), (r"mlp\.fc2", "linear2"), (r"final_layer_norm", "norm2"),
-]  # fmt: skip
-
-
-def _to_hf(hf_keys, ours: dict, rules) -> dict:
-    out = {}
-    for key in hf_keys:
-        qkv = re.match(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key)
-        packed = qkv and f"layers.{qkv[1]}.self_attn.in_proj_{qkv[3]}" in ours
-        if packed:  # the encoder's nn.MultiheadAttention packs q, k, v into in_proj_*
-            out[key] = ours[f"layers.{qkv[1]}.self_attn.in_proj_{qkv[3]}"].chunk(3)["qkv".index(qkv[2])]
-            continue
-        key_ours = key
-        for pattern, repl in rules:
-            key_ours = re.sub(pattern, repl, key_ours)
-        out[key] = ours[key_ours]
-    return out
+# (the HF <-> kd key mapping lives in kd.models.convert)
 
 
 @pytest.mark.slow
@@ -237,8 +206,8 @@ def test_matches_hf_transformers_port():
     cfg._attn_implementation = "eager"
     encoder, decoder = hf.ConditionalDetrEncoder(cfg).eval(), hf.ConditionalDetrDecoder(cfg).eval()
     ours_enc, ours_dec = model.transformer["encoder"].state_dict(), model.transformer["decoder"].state_dict()
-    encoder.load_state_dict(_to_hf(encoder.state_dict().keys(), ours_enc, _HF_ENCODER))
-    decoder.load_state_dict(_to_hf(decoder.state_dict().keys(), ours_dec, _HF_DECODER))
+    encoder.load_state_dict(kd_to_hf_state(encoder.state_dict().keys(), ours_enc, HF_CONDITIONAL_ENCODER))
+    decoder.load_state_dict(kd_to_hf_state(decoder.state_dict().keys(), ours_dec, HF_CONDITIONAL_DECODER))
 
     images, mask = batch(96)
     with torch.no_grad():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from kd.models.backbone import Backbone
+from kd.models.convert import HF_DAB_DECODER, HF_DAB_ENCODER, kd_to_hf_state
 from kd.models.dab_detr import DABDETR
 from kd.models.transformer_layers import encode_single_scale
 
@@ -240,50 +239,7 @@ def test_bf16_autocast_forward_backward():
 
 
 # --- port and prove: the HF transformers port of the official code, weights copied from ours -------------
-
-_HF_DECODER = [
-    (r"self_attn\.self_attn_query_content_proj", "sa_qcontent_proj"),
-    (r"self_attn\.self_attn_query_pos_proj", "sa_qpos_proj"),
-    (r"self_attn\.self_attn_key_content_proj", "sa_kcontent_proj"),
-    (r"self_attn\.self_attn_key_pos_proj", "sa_kpos_proj"),
-    (r"self_attn\.self_attn_value_proj", "sa_v_proj"),
-    (r"self_attn\.self_attn\.output_proj", "self_attn.out_proj"),
-    (r"self_attn\.self_attn_layer_norm", "norm1"),
-    (r"cross_attn\.cross_attn_query_content_proj", "ca_qcontent_proj"),
-    (r"cross_attn\.cross_attn_query_pos_proj", "ca_qpos_proj"),
-    (r"cross_attn\.cross_attn_key_content_proj", "ca_kcontent_proj"),
-    (r"cross_attn\.cross_attn_key_pos_proj", "ca_kpos_proj"),
-    (r"cross_attn\.cross_attn_value_proj", "ca_v_proj"),
-    (r"cross_attn\.cross_attn_query_pos_sine_proj", "ca_qpos_sine_proj"),
-    (r"cross_attn\.cross_attn\.output_proj", "cross_attn.out_proj"),
-    (r"cross_attn\.cross_attn_layer_norm", "norm2"),
-    (r"mlp\.fc1", "linear1"),
-    (r"mlp\.fc2", "linear2"),
-    (r"mlp\.final_layer_norm", "norm3"),
-    (r"mlp\.activation_fn", "activation"),
-    (r"^layernorm", "norm"),
-]
-_HF_ENCODER = [
-    (r"self_attn_layer_norm", "norm1"),
-    (r"fc1", "linear1"),
-    (r"fc2", "linear2"),
-    (r"final_layer_norm", "norm2"),
-    (r"activation_fn", "activation"),
-]
-
-
-def _to_hf(hf_keys, ours: dict, rules) -> dict:
-    out = {}
-    for key in hf_keys:
-        qkv = re.match(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key)
-        if qkv:  # the encoder's nn.MultiheadAttention packs q, k, v into in_proj_*
-            out[key] = ours[f"layers.{qkv[1]}.self_attn.in_proj_{qkv[3]}"].chunk(3)["qkv".index(qkv[2])]
-            continue
-        key_ours = key
-        for pattern, repl in rules:
-            key_ours = re.sub(pattern, repl, key_ours)
-        out[key] = ours[key_ours]
-    return out
+# (the HF <-> kd key mapping lives in kd.models.convert)
 
 
 @pytest.mark.slow
@@ -310,8 +266,8 @@ def test_matches_hf_transformers_port():
     cfg._attn_implementation = "eager"
     encoder, decoder = hf.DabDetrEncoder(cfg).eval(), hf.DabDetrDecoder(cfg).eval()
     ours_enc, ours_dec = model.transformer["encoder"].state_dict(), model.transformer["decoder"].state_dict()
-    encoder.load_state_dict(_to_hf(encoder.state_dict().keys(), ours_enc, _HF_ENCODER))
-    decoder.load_state_dict(_to_hf(decoder.state_dict().keys(), ours_dec, _HF_DECODER))
+    encoder.load_state_dict(kd_to_hf_state(encoder.state_dict().keys(), ours_enc, HF_DAB_ENCODER))
+    decoder.load_state_dict(kd_to_hf_state(decoder.state_dict().keys(), ours_dec, HF_DAB_DECODER))
     decoder.bbox_embed = model.bbox_embed
 
     images, mask = batch(96)

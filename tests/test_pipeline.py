@@ -56,7 +56,8 @@ def _copy_repo(dst: Path) -> None:
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
     for rel in files:
-        generated = rel.startswith(("data/", "models/", "metrics/", "reports/")) and not rel.endswith(".gitignore")
+        generated = rel.startswith(("data/", "models/", "metrics/", "reports/"))
+        generated = generated and not rel.endswith(".gitignore")
         if generated or not (ROOT / rel).is_file():
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
