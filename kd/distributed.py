@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,24 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / get_world_size()
+
+
+def average_gradients(module: nn.Module) -> None:
+    """Average the gradients of ``module``'s trainable parameters over all processes, in place.
+
+    For trainable modules outside the DDP-wrapped model (distiller adapters). A parameter without a
+    gradient on this rank takes part with zeros, so every rank issues the same collectives.
+    """
+    if not is_dist():
+        return
+    world = get_world_size()
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
 
 
 def all_reduce_max(t: Tensor) -> Tensor:

@@ -246,6 +246,8 @@ def train_one_epoch(
         loss = torch.stack([v.float() for v in losses.values()]).sum()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if isinstance(loss_fn, nn.Module):
+            D.average_gradients(loss_fn)  # distiller adapters live outside the DDP-wrapped model
         if clip_max_norm > 0:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(params, clip_max_norm)

@@ -103,3 +103,29 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
         "plots",
         "rank1.pt",
     ]
+
+
+def _grad_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    D.init_distributed("cpu")
+    adapter = torch.nn.Linear(2, 2)
+    unused = torch.nn.Linear(2, 2)  # no gradient on this rank: takes part with zeros
+    torch.nn.init.ones_(adapter.weight)
+    (adapter(torch.full((1, 2), float(rank + 1))).sum()).backward()
+    module = torch.nn.ModuleList([adapter, unused])
+    D.average_gradients(module)
+    torch.save(
+        {"grad": adapter.weight.grad, "unused": unused.weight.grad}, os.path.join(out_dir, f"g{rank}.pt")
+    )
+    D.cleanup()
+
+
+def test_average_gradients_of_modules_outside_ddp(tmp_path):
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(
+        _grad_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method=method
+    )
+    g0, g1 = (torch.load(tmp_path / f"g{r}.pt", weights_only=True) for r in (0, 1))
+    torch.testing.assert_close(g0["grad"], torch.full((2, 2), 1.5))  # mean of inputs 1 and 2
+    torch.testing.assert_close(g0["grad"], g1["grad"])
+    torch.testing.assert_close(g0["unused"], torch.zeros(2, 2))
