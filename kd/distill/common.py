@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from kd.models.outputs import DetectorOutput
+
 
 def layer_map(num_student: int, num_teacher: int) -> list[int]:
     """Teacher layer paired with each student decoder layer when depths differ.
@@ -34,3 +36,12 @@ def l1_giou(student_boxes: Tensor, teacher_boxes: Tensor) -> tuple[Tensor, Tenso
     s = box_convert(student_boxes, "cxcywh", "xyxy")
     t = box_convert(teacher_boxes, "cxcywh", "xyxy")
     return l1, generalized_box_iou_loss(s, t, reduction="none")
+
+
+def proposal_anchors(teacher_out: DetectorOutput, method: str) -> Tensor:
+    """A two-stage teacher's queries this step: its per-image proposal anchors
+    ``teacher_out.detection.queries`` [B, Q_T, 4] (unsigmoided), detached."""
+    anchors = teacher_out.detection.queries
+    if anchors is None:
+        raise ValueError(f"{method}: the two-stage teacher's output has no detection.queries")
+    return anchors.detach()

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 from kd.distill.base import Distiller, Indices, Targets
-from kd.distill.common import l1_giou, layer_map, soft_bce
+from kd.distill.common import l1_giou, layer_map, proposal_anchors, soft_bce
 from kd.models.criterion import loss_boxes, loss_labels, num_boxes_global
 from kd.models.matcher import HungarianMatcher
 from kd.models.outputs import DecoderOutput, DetectorOutput
@@ -445,10 +445,7 @@ class DETRDistill(Distiller):
         its per-image proposal anchors ``teacher_out.detection.queries`` [B, Q_T, 4] (detached)."""
         if not (self.cfg.qpad and self.qpad_from_output):
             return groups
-        anchors = teacher_out.detection.queries
-        if anchors is None:
-            raise ValueError("detrdistill: the two-stage teacher's output has no detection.queries")
-        return {**groups, QPAD: self._for_student(anchors.detach())}
+        return {**groups, QPAD: self._for_student(proposal_anchors(teacher_out, "detrdistill"))}
 
     # ------------------------------------------------------------------ losses
 

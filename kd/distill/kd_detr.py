@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.distill.base import Distiller, Indices, Targets
-from kd.distill.common import l1_giou
+from kd.distill.common import l1_giou, proposal_anchors
 from kd.models.box_ops import inverse_sigmoid
 from kd.models.deformable_transformer import proposal_pos_embed
 from kd.models.outputs import DecoderOutput, DetectorOutput
@@ -317,10 +317,7 @@ class KDDETR(Distiller):
         its per-image proposal anchors ``teacher_out.detection.queries`` [B, Q_T, 4] (detached)."""
         if not self.specific_from_output:
             return groups
-        anchors = teacher_out.detection.queries
-        if anchors is None:
-            raise ValueError("kd_detr: the two-stage teacher's output has no detection.queries")
-        return {**groups, SPECIFIC: self._for_student(anchors.detach())}
+        return {**groups, SPECIFIC: self._for_student(proposal_anchors(teacher_out, "kd_detr"))}
 
     # ------------------------------------------------------------------ losses
 

@@ -1,0 +1,120 @@
+"""Per-iteration time and peak memory of each distiller against plain student training.
+
+Embedded default configuration (params.yaml: student and teacher models, distill.<method>), one process for
+the timings with the methods interleaved round by round (ratios stay fair on a noisy machine), and one
+short subprocess per method for its peak resident memory. The teacher is randomly initialised: its weights
+do not change the cost. Prints a table, then one JSON object with the ratios as its last line.
+
+    python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from kd.config import load_params, model_config
+from kd.data.coco import collate_fn
+from kd.distill.build import loss_factory
+from kd.engine import criterion_loss
+from kd.models import build_criterion, build_model
+
+METHODS = ("none", "qskd", "kd_detr", "detrdistill")
+
+
+def fake_batch(batch: int, size: int, num_classes: int, seed: int = 0):
+    """A padded batch of random images with 1..8 random boxes each (no disk access)."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(batch):
+        h, w = size, size - 16 * (i % 2)
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+        target = {
+            "boxes": torch.cat([cxcy, wh], 1),
+            "labels": torch.randint(0, num_classes, (n,), generator=g),
+            "image_id": i,
+            "orig_size": torch.tensor([h, w]),
+            "size": torch.tensor([h, w]),
+        }
+        items.append((torch.randn(3, h, w, generator=g), target))
+    return collate_fn(items)
+
+
+def make_step(params: dict, method: str):
+    """A closure running one training iteration (forward, losses, backward, AdamW step) of ``method``."""
+    torch.manual_seed(0)
+    params = {**params, "distill": {**params["distill"], "method": method}}
+    student = build_model(model_config(params, "student")).train()
+    criterion = build_criterion(params["loss"], model_config(params, "student")["num_classes"])
+    teacher = build_model({**model_config(params, "teacher"), "backbone_weights": None}).eval()
+    factory = loss_factory(params, teacher=teacher)
+    loss_fn = factory(student, criterion) if factory else criterion_loss(criterion)
+    extra = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
+    opt = torch.optim.AdamW(list(student.parameters()) + extra, lr=1e-4)
+
+    def step(batch):
+        images, mask, targets = batch
+        losses = loss_fn(student, images, mask, targets)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+
+    return step
+
+
+def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a fresh process running 2 iterations of ``method``."""
+    code = (
+        "import sys, resource; sys.argv=['x']; from bench.distill_overhead import *;"
+        f"p=load_params('params.yaml'); s=make_step(p,{method!r}); b=fake_batch({args.batch},{args.size},"
+        "model_config(p,'student')['num_classes']); s(b); s(b);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=128)
+    args = p.parse_args()
+    params = load_params("params.yaml")
+    batch = fake_batch(args.batch, args.size, model_config(params, "student")["num_classes"])
+    steps = {m: make_step(params, m) for m in METHODS}
+    for step in steps.values():  # warm-up
+        step(batch)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for _ in range(args.rounds):
+        for m, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                step(batch)
+            times[m].append((time.perf_counter() - t) / args.iters)
+    memory = {m: peak_memory_mb(m, args) for m in METHODS}
+    base_t, base_m = statistics.median(times["none"]), memory["none"]
+    print(f"{'method':<12} {'s/iter':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}")
+    result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size}
+    for m in METHODS:
+        t = statistics.median(times[m])
+        print(f"{m:<12} {t:8.3f} {t / base_t:6.2f} {memory[m]:9.0f} {memory[m] / base_m:6.2f}")
+        result[m] = {
+            "s_per_iter": round(t, 4),
+            "time_ratio": round(t / base_t, 3),
+            "mem_ratio": round(memory[m] / base_m, 3),
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
