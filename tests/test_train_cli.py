@@ -123,3 +123,43 @@ def test_real_training_resume_and_eval_only(tmp_path, tiny_data):
     assert evaluated["AP"] == pytest.approx(summary["val"]["AP"])
     second = load_checkpoint(out / "last.pt")
     assert not torch.equal(first["model"]["class_embed.weight"], second["model"]["class_embed.weight"])
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_data):
+    """kill -9 a training process at an arbitrary point after its first checkpoint, run the same command
+    again: it resumes from last.pt and ends bitwise equal to an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    sets = [a for kv in [*TINY, f"data.root={tiny_data}", "student.train.epochs=3"] for a in ("--set", kv)]
+
+    def command(out: Path) -> list[str]:
+        args = ["--role", "student", "--params", str(PARAMS), "--out", str(out), "--max-iters", "2"]
+        return [sys.executable, "-m", "kd.train", *args, *sets]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), check=True, capture_output=True, env=env, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (killed / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside the next epoch (or its checkpoint write)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert load_checkpoint(killed / "last.pt")["epoch"] < 2  # the previous checkpoint is intact and loadable
+    subprocess.run(command(killed), check=True, capture_output=True, env=env, timeout=300)
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert (
+        json.loads((straight / "metrics.json").read_text())["val"]
+        == json.loads((killed / "metrics.json").read_text())["val"]
+    )
