@@ -24,7 +24,8 @@ def test_project_params_validate():
     params = load_params(PARAMS)
     validate(params)
     teacher, student = model_config(params, "teacher"), model_config(params, "student")
-    assert teacher["backbone"] == "resnet34" and student["backbone"] == "resnet18"
+    assert teacher["hidden_dim"] > student["hidden_dim"]  # the default teacher is the bigger model
+    assert teacher["backbone_weights"] and not student["backbone_weights"]  # pre-trained teacher only
     assert teacher["num_queries"] == params["model"]["num_queries"]  # inherited from the shared model section
     assert isinstance(train_config(params, "student"), TrainConfig)
 
@@ -43,7 +44,8 @@ def test_overrides_are_parsed_as_yaml(params_file):
     )
     validate(params)
     cfg = train_config(params, "teacher")
-    assert cfg.lr == pytest.approx(1e-4) and cfg.amp == "bf16" and cfg.batch_size == 16
+    file_batch = yaml.safe_load(params_file.read_text())["teacher"]["train"]["batch_size"]
+    assert cfg.lr == pytest.approx(1e-4) and cfg.amp == "bf16" and cfg.batch_size == file_batch
     m = model_config(params, "teacher")
     assert m["num_queries"] == 30 and m["two_stage"] is False and m["strides"] == [16, 32]
     assert model_config(params, "student")["num_queries"] == 50
@@ -82,7 +84,7 @@ def test_override_without_value_and_missing_file(params_file, tmp_path):
         ("model.num_queries=0", r"model\.num_queries: expected a positive integer; got 0"),
         ("teacher.train.epochs=0", r"teacher\.train\.epochs: expected a positive integer; got 0"),
         ("student.model.backbone=vgg16", r"student\.model\.backbone: expected one of resnet18"),
-        ("model.nheads=7", r"teacher\.model\.hidden_dim: must be divisible by model\.nheads \(192 % 7"),
+        ("model.nheads=7", r"teacher\.model\.hidden_dim: must be divisible by model\.nheads \(128 % 7"),
         (
             "teacher.train.batch_size=2.5",
             r"teacher\.train\.batch_size: expected a positive integer; got 2\.5",
