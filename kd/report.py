@@ -1,0 +1,79 @@
+"""``python -m kd.report``: run a stage notebook with papermill and render it to HTML, both atomically.
+
+    python -m kd.report notebooks/30_distill.ipynb 30_distill_qskd -p method qskd -p max_iters 0
+
+writes ``reports/nb/<name>.ipynb`` (the executed notebook) and ``reports/<name>.html`` (inputs hidden). Each
+is written to a temporary file and renamed, so a killed run leaves the previous versions intact; a failing
+notebook is kept as ``reports/nb/<name>.failed.ipynb`` with its traceback and the command exits non-zero.
+Parameter values are parsed as YAML (``true`` is a boolean, ``3`` an int), unlike papermill's ``-p``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from kd.io import atomic_write
+
+
+def run_notebook(
+    source: str | Path,
+    name: str,
+    parameters: dict,
+    kernel: str = "kd",
+    nb_dir: str | Path = "reports/nb",
+    html_dir: str | Path = "reports",
+) -> tuple[Path, Path]:
+    """Execute ``source`` with ``parameters`` and write the executed notebook and its HTML rendering.
+
+    Returns (executed notebook path, HTML path). Raises papermill's ``PapermillExecutionError`` when a cell
+    fails (the partial notebook is kept as ``<name>.failed.ipynb``).
+    """
+    import papermill
+    from nbconvert import HTMLExporter
+
+    nb_path, html_path = Path(nb_dir) / f"{name}.ipynb", Path(html_dir) / f"{name}.html"
+    nb_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = nb_path.with_name(f".{name}.running.ipynb")
+    try:
+        papermill.execute_notebook(
+            str(source), str(tmp), parameters=parameters, kernel_name=kernel, cwd=".", log_output=True,
+            progress_bar=False, request_save_on_cell_execute=True,
+        )  # fmt: skip
+    except BaseException:
+        if tmp.exists():
+            os.replace(tmp, nb_path.with_name(f"{name}.failed.ipynb"))
+        raise
+    os.replace(tmp, nb_path)
+    body, _ = HTMLExporter(
+        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True
+    ).from_filename(str(nb_path))
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(html_path) as out:
+        Path(out).write_text(body, encoding="utf-8")
+    return nb_path, html_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kd.report", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="the source notebook, e.g. notebooks/00_data.ipynb")
+    p.add_argument("name", help="output name: reports/nb/<name>.ipynb and reports/<name>.html")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    p.add_argument("-k", "--kernel", default="kd")
+    args = p.parse_args(argv)
+    parameters = {key: yaml.safe_load(value) for key, value in args.parameter}
+    try:
+        run_notebook(args.source, args.name, parameters, kernel=args.kernel)
+    except Exception as e:  # papermill prints the failing cell; our own message stays one line
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        print(f"error: {args.source}: {type(e).__name__}: {last}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
