@@ -16,6 +16,7 @@ from kd.models.convert import (
     config_from_hf,
     from_hf,
     from_official,
+    hf_state_to_kd,
     official_state_dict,
     rename_key,
 )
@@ -176,6 +177,19 @@ def test_rename_key_packs_qkv_only_for_multihead_attention():
     assert rename_key("layers.0.encoder_attn.value_proj.weight", HF_DEFORMABLE_DECODER) == (
         "layers.0.cross_attn.value_proj.weight", None,
     )  # fmt: skip
+
+
+def test_hf_backbone_keys_map_to_torchvision_names():
+    """HF ResNet (bottleneck layers, shortcut, stem) and timm ResNet keys, legacy prefixes included."""
+    stem, hf_stage = "model.backbone.conv_encoder.model.", "model.backbone.conv_encoder.model.encoder.stages."
+    expected = {
+        stem + "_backbone.layer1.0.conv3.weight": "backbone.body.layer1.0.conv3.weight",  # timm
+        hf_stage + "1.layers.0.layer.2.normalization.running_var": "backbone.body.layer2.0.bn3.running_var",
+        hf_stage + "3.layers.0.shortcut.convolution.weight": "backbone.body.layer4.0.downsample.0.weight",
+        stem + "embedder.embedder.normalization.bias": "backbone.body.bn1.bias",
+    }
+    state = {k: torch.zeros(1) for k in [*expected, stem + "_backbone.bn1.num_batches_tracked"]}
+    assert sorted(hf_state_to_kd(state, "dab_detr", expected.values())) == sorted(expected.values())
 
 
 # --- official repositories' checkpoints ------------------------------------------------------------------
