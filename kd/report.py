@@ -11,6 +11,7 @@ Parameter values are parsed as YAML (``true`` is a boolean, ``3`` an int), unlik
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     p.add_argument("-k", "--kernel", default="kd")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output (progress)
+    logging.getLogger("papermill").setLevel(logging.INFO)
     parameters = {key: yaml.safe_load(value) for key, value in args.parameter}
     try:
         run_notebook(args.source, args.name, parameters, kernel=args.kernel)
