@@ -61,3 +61,16 @@ class TestTorch:
         with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an unpicklable object
             save_torch_atomic({"epoch": 2, "bad": lambda: None}, path)
         assert torch.load(path, weights_only=True) == {"epoch": 1} and _leftovers(tmp_path) == []
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    import os
+
+    from kd.io import write_json_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
