@@ -27,6 +27,7 @@ from kd.models.outputs import DetectorOutput
 from kd.models.position_encoding import PositionEmbeddingSine, sine_embed
 from kd.models.transformer_layers import (
     MLP,
+    SINGLE_SCALE_KEYS,
     ConditionalDecoderLayer,
     TransformerEncoder,
     config_values,
@@ -34,6 +35,7 @@ from kd.models.transformer_layers import (
     encode_single_scale,
     expand_extra_queries,
     group_attention_mask,
+    pop_single_scale_backbone,
     split_decoder_output,
     xavier_init_,
 )
@@ -154,29 +156,9 @@ class ConditionalDETR(nn.Module):
     def from_config(cls, cfg: dict) -> ConditionalDETR:
         """Build from the ``model`` dict of params.yaml (single scale: the last of ``strides``)."""
         v = config_values(
-            cfg,
-            {
-                "backbone": "resnet18",
-                "backbone_weights": None,
-                "backbone_norm": "auto",
-                "strides": [32],
-                "hidden_dim": ...,
-                "nheads": ...,
-                "enc_layers": ...,
-                "dec_layers": ...,
-                "ffn_dim": ...,
-                "dropout": 0.1,
-                "num_queries": ...,
-                "num_classes": ...,
-                "activation": "relu",
-            },
-            "conditional_detr",
+            cfg, {**SINGLE_SCALE_KEYS, "dropout": 0.1, "activation": "relu"}, "conditional_detr"
         )
-        backbone = Backbone(v["backbone"], (v["strides"][-1],), v["backbone_weights"], v["backbone_norm"])
-        keys = ("hidden_dim", "nheads", "enc_layers", "dec_layers", "ffn_dim", "dropout", "num_queries")
-        return cls(
-            backbone, **{k: v[k] for k in keys}, num_classes=v["num_classes"], activation=v["activation"]
-        )
+        return cls(pop_single_scale_backbone(v), **v)
 
     def native_queries(self) -> Tensor:
         """The learned detection queries [Q, D] in this model's ``"embed"`` format."""

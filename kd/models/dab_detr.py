@@ -32,6 +32,7 @@ from kd.models.outputs import DetectorOutput
 from kd.models.position_encoding import PositionEmbeddingSine, sine_embed
 from kd.models.transformer_layers import (
     MLP,
+    SINGLE_SCALE_KEYS,
     ConditionalDecoderLayer,
     TransformerEncoder,
     config_values,
@@ -39,6 +40,7 @@ from kd.models.transformer_layers import (
     encode_single_scale,
     expand_extra_queries,
     group_attention_mask,
+    pop_single_scale_backbone,
     split_decoder_output,
     xavier_init_,
 )
@@ -215,18 +217,8 @@ class DABDETR(nn.Module):
         v = config_values(
             cfg,
             {
-                "backbone": "resnet18",
-                "backbone_weights": None,
-                "backbone_norm": "auto",
-                "strides": [32],
-                "hidden_dim": ...,
-                "nheads": ...,
-                "enc_layers": ...,
-                "dec_layers": ...,
-                "ffn_dim": ...,
+                **SINGLE_SCALE_KEYS,
                 "dropout": 0.0,
-                "num_queries": ...,
-                "num_classes": ...,
                 "activation": "prelu",
                 "dn_groups": 0,
                 "dn_label_noise": 0.2,
@@ -236,10 +228,7 @@ class DABDETR(nn.Module):
             },
             "dab_detr",
         )
-        backbone = Backbone(
-            v.pop("backbone"), (v.pop("strides")[-1],), v.pop("backbone_weights"), v.pop("backbone_norm")
-        )
-        return cls(backbone, **v)
+        return cls(pop_single_scale_backbone(v), **v)
 
     def native_queries(self) -> Tensor:
         """The learned anchors [Q, 4] (unsigmoided cx, cy, w, h), this model's ``"box"`` query format."""

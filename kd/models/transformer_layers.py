@@ -413,6 +413,34 @@ def detector_output(
     )
 
 
+# keys every single-scale DETR reads from the ``model`` config; ``...`` marks a required key
+SINGLE_SCALE_KEYS = {
+    "backbone": "resnet18",
+    "backbone_weights": None,
+    "backbone_norm": "auto",
+    "strides": [32],
+    "hidden_dim": ...,
+    "nheads": ...,
+    "enc_layers": ...,
+    "dec_layers": ...,
+    "ffn_dim": ...,
+    "num_queries": ...,
+    "num_classes": ...,
+}
+
+
+def pop_single_scale_backbone(values: dict):
+    """Remove the backbone keys from ``config_values`` output and build the backbone at the last stride."""
+    from kd.models.backbone import Backbone
+
+    return Backbone(
+        values.pop("backbone"),
+        (values.pop("strides")[-1],),
+        values.pop("backbone_weights"),
+        values.pop("backbone_norm"),
+    )
+
+
 def config_values(cfg: dict, defaults: dict, model: str) -> dict:
     """Read ``defaults``' keys from a ``model`` config dict (params.yaml), using the default where absent.
 
