@@ -103,9 +103,21 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ())
         raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
+    params = _numbers(params)  # DVC writes ``2e-05``, which YAML 1.1 reads as a string
     for item in overrides:
         apply_override(params, item)
     return params
+
+
+def _numbers(node: Any) -> Any:
+    """Strings that spell a number (``1e-4``, ``2e-05``: strings to YAML 1.1) become floats, recursively."""
+    if isinstance(node, dict):
+        return {k: _numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers(v) for v in node]
+    if isinstance(node, str) and _NUMBER.match(node):
+        return float(node)
+    return node
 
 
 def apply_override(params: dict, item: str) -> None:

@@ -381,7 +381,7 @@ def fit(
             state["val"] = {"epoch": epoch, **evaluate_fn(model)}
             ap = state["val"].get("AP")
             if ap is not None and (not state["best"] or ap > state["best"]["AP"]):
-                state["best"] = {"epoch": epoch, "AP": ap}
+                state["best"] = dict(state["val"])  # every COCO metric of the best epoch
         rng = rng_state()
         if D.get_world_size() > 1:
             rng["ranks"] = D.all_gather_object(rng_state())

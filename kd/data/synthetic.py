@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = "kd-synthetic-1"
+GENERATOR_VERSION = "kd-synthetic-2"
 SPLITS = ("train", "val")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # name, foreground RGB, background RGB (second colour of the texture), texture
@@ -76,6 +76,7 @@ class SyntheticConfig:
             1 gives a uniform count, larger values favour few objects.
         large_per_image: probabilities of 0, 1, 2, ... large objects in an image.
         small_share: probability that a non-large object is small (else medium).
+        min_object_size: nominal size (pixels) of the smallest small object (small: this..30 px).
         max_occlusion: objects with a larger hidden fraction of their pixels are not annotated.
         max_clutter: at most this many clutter items per image.
     """
@@ -89,9 +90,10 @@ class SyntheticConfig:
     max_objects: int = 20
     object_count_power: float = 3.0
     large_per_image: tuple[float, ...] = (0.05, 0.6, 0.35)
-    small_share: float = 0.55
-    max_occlusion: float = 0.7
-    max_clutter: int = 12
+    small_share: float = 0.3
+    min_object_size: float = 12.0
+    max_occlusion: float = 0.5
+    max_clutter: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "large_per_image", tuple(float(p) for p in self.large_per_image))
@@ -102,6 +104,7 @@ class SyntheticConfig:
             ("min_objects", 1 <= self.min_objects <= self.max_objects, "must satisfy 1 <= min <= max"),
             ("large_per_image", min(self.large_per_image, default=-1) >= 0, "must be probabilities"),
             ("small_share", 0.0 <= self.small_share <= 1.0, "must be in [0, 1]"),
+            ("min_object_size", 4.0 <= self.min_object_size <= 30.0, "must be in [4, 30]"),
             ("max_occlusion", 0.0 <= self.max_occlusion < 1.0, "must be in [0, 1)"),
         ]
         for name, ok, why in checks:
@@ -255,7 +258,7 @@ _CLUTTER_KINDS = ("line", "zigzag", "dot", "dot", "ellipse", "outline", "pentago
 
 
 def _object_sizes(cfg: SyntheticConfig, rng: np.random.Generator, n: int, short: int) -> np.ndarray:
-    """Nominal sizes [n] (pixels): small 7..30, medium 32..92, large 104..0.95 * short side.
+    """Nominal sizes [n] (pixels): small ``min_object_size``..30, medium 32..92, large 104..0.95 * short side.
 
     The number of large objects is drawn from ``cfg.large_per_image`` (P(0), P(1), P(2), ...); the rest
     are small with probability ``cfg.small_share``, else medium.
@@ -264,7 +267,7 @@ def _object_sizes(cfg: SyntheticConfig, rng: np.random.Generator, n: int, short:
     n_large = min(int(rng.choice(len(p_large), p=p_large)), n)
     buckets = np.where(rng.random(n) < cfg.small_share, 0, 1)
     buckets[:n_large] = 2
-    lo = np.array([7.0, 32.0, 104.0])
+    lo = np.array([cfg.min_object_size, 32.0, 104.0])
     hi = np.array([30.0, 92.0, max(105.0, 0.95 * short)])
     u = rng.random(n)
     return np.exp(np.log(lo[buckets]) + u * (np.log(hi[buckets]) - np.log(lo[buckets])))
