@@ -19,14 +19,30 @@ def import_teacher(hf_dir: str | Path, params: dict, out_dir: str | Path) -> dic
     under ``out_dir`` and return its validation metrics.
 
     The converted model's config must agree with ``params``' teacher (architecture, sizes, classes); a
-    mismatch is reported when the distillation stages load it.
+    mismatch is reported when the distillation stages load it. A head wider than ``model.num_classes``
+    (COCO checkpoints: 91 outputs indexed by category id) keeps the outputs of the dataset's category ids,
+    in label order (:func:`kd.models.convert.select_classes`).
     """
-    from kd.models.convert import config_from_hf, from_hf
+    from kd.config import model_config
+    from kd.data.coco import build_dataset
+    from kd.models.convert import config_from_hf, from_hf, select_classes
     from kd.train import run
 
     hf_dir = Path(hf_dir)
     model = from_hf(hf_dir)
     config = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    wanted = model_config(params, "teacher")["num_classes"]
+    if config["num_classes"] != wanted:
+        data = params.get("data") or {}
+        val = build_dataset(data.get("root", "data"), "val", data.get("transforms") or {}, train=False,
+                            preset=data.get("name", "synthetic"))  # fmt: skip
+        rows = [val.label_to_cat_id[label] for label in range(wanted)]
+        if max(rows) >= config["num_classes"]:
+            raise ValueError(
+                f"{hf_dir}: {config['num_classes']} classes cannot cover category id {max(rows)} of the data"
+            )
+        select_classes(model, rows)
+        config["num_classes"] = wanted
     out_dir = Path(out_dir)
     for name in ("last.pt", "best.pt"):
         save_checkpoint(

@@ -19,6 +19,7 @@ from kd.models.convert import (
     hf_state_to_kd,
     official_state_dict,
     rename_key,
+    select_classes,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -279,3 +280,18 @@ def test_from_official_bad_file(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="weights_only"):
         from_official(tmp_path / "junk.pth", "dab_detr", OFFICIAL["dab_detr"])
+
+
+@pytest.mark.parametrize("arch", list(OFFICIAL))
+def test_select_classes_keeps_the_chosen_outputs_in_order(arch):
+    model, _ = _official_checkpoint(arch)
+    images, mask = _batch()
+    rows = [4, 0, 3]
+    with torch.no_grad():
+        want = model(images, mask)
+        got = select_classes(model, rows)(images, mask)
+    assert model.num_classes == 3 and got.logits.shape[-1] == 3
+    assert_close(got.logits, want.logits[..., rows])
+    assert_close(got.boxes, want.boxes)
+    with pytest.raises(ValueError, match="rows must lie"):
+        select_classes(model, [0, 3])  # now 3 classes wide

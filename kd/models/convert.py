@@ -484,3 +484,48 @@ def from_official(state_dict_or_path: dict | str | Path, arch: str, cfg: dict) -
     own = model.state_dict().keys()
     load_model_state(model, official_state_to_kd(state, own), source)
     return model.eval()
+
+
+def select_classes(model: nn.Module, rows: list[int]) -> nn.Module:
+    """Keep only the classification outputs ``rows`` of every class head (and DN label embedding), in order.
+
+    Published COCO checkpoints have 91 outputs indexed by COCO category id (with unused ids); the data
+    pipeline uses contiguous labels ``0..79``. ``rows[label]`` is the output that becomes ``label``, i.e. the
+    category id of each label (``CocoDetection.label_to_cat_id``). Shared heads stay shared. A two-stage
+    Deformable DETR ranks its proposals by column 0 of its encoder head, which is kept first when that head
+    is its own module (box refinement); with one head shared by all layers the proposals may change.
+
+    Raises:
+        ValueError: a row outside the model's classes.
+    """
+    old = int(getattr(model, "num_classes"))
+    if not rows or min(rows) < 0 or max(rows) >= old:
+        raise ValueError(f"select_classes: rows must lie in [0, {old}), got {min(rows)}..{max(rows)}")
+    index = torch.as_tensor(rows)
+    proposal_head = _proposal_head(model)
+    done: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in done:
+            continue
+        if "class_embed" in name and isinstance(module, nn.Linear) and module.out_features == old:
+            # two-stage proposals rank by column 0 (class-agnostic objectness): keep it first there
+            keep = torch.as_tensor([0, *rows[1:]]) if module is proposal_head else index
+            module.weight = nn.Parameter(module.weight.data[keep].clone())
+            module.bias = nn.Parameter(module.bias.data[keep].clone())
+            module.out_features = len(rows)
+        elif isinstance(module, nn.Embedding) and module.num_embeddings in (old, old + 1):
+            keep = torch.cat([index, torch.arange(old, module.num_embeddings)])  # DAB keeps "unknown" last
+            module.weight = nn.Parameter(module.weight.data[keep].clone())
+            module.num_embeddings = len(keep)
+        done.add(id(module))
+    model.num_classes = len(rows)
+    return model
+
+
+def _proposal_head(model: nn.Module) -> nn.Module | None:
+    """The two-stage encoder class head when it is a module of its own (not shared with the decoder)."""
+    heads = getattr(model, "class_embed", None)
+    if not getattr(model, "two_stage", False) or not isinstance(heads, nn.ModuleList):
+        return None
+    head = heads[-1]
+    return None if any(h is head for h in heads[:-1]) else head
