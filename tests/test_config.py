@@ -25,7 +25,8 @@ def test_project_params_validate():
     validate(params)
     teacher, student = model_config(params, "teacher"), model_config(params, "student")
     assert teacher["hidden_dim"] > student["hidden_dim"]  # the default teacher is the bigger model
-    assert teacher["backbone_weights"] and not student["backbone_weights"]  # pre-trained teacher only
+    assert teacher["enc_layers"] > student["enc_layers"] and teacher["dec_layers"] > student["dec_layers"]
+    assert teacher["backbone_weights"] == student["backbone_weights"]  # both start from the pretrain stage
     assert teacher["num_queries"] == params["model"]["num_queries"]  # inherited from the shared model section
     assert isinstance(train_config(params, "student"), TrainConfig)
 

@@ -231,6 +231,7 @@ def test_bfloat16_autocast_forward_backward():
 def test_from_config_reads_params_yaml():
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     cfg = {**params["model"], **params["student"]["model"], "some_other_arch_key": 1}
+    cfg["backbone_weights"] = None  # the pretrain stage writes it
     model = DeformableDETR.from_config(cfg)
     assert model.hidden_dim == cfg["hidden_dim"] and model.num_queries == cfg["num_queries"]
     assert model.two_stage == cfg["two_stage"] and model.box_refine == cfg["box_refine"]

@@ -498,7 +498,7 @@ def select_classes(model: nn.Module, rows: list[int]) -> nn.Module:
     Raises:
         ValueError: a row outside the model's classes.
     """
-    old = int(getattr(model, "num_classes"))
+    old = int(model.num_classes)
     if not rows or min(rows) < 0 or max(rows) >= old:
         raise ValueError(f"select_classes: rows must lie in [0, {old}), got {min(rows)}..{max(rows)}")
     index = torch.as_tensor(rows)
