@@ -93,20 +93,25 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ())
     ``model``, ``teacher.model``, ``student.model``, ``teacher.train`` or ``student.train``.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read params file ({e.strerror})") from None
-    try:
-        params = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    _, params = read_yaml(path, "params file")
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
     params = _numbers(params)  # DVC writes ``2e-05``, which YAML 1.1 reads as a string
     for item in overrides:
         apply_override(params, item)
     return params
+
+
+def read_yaml(path: str | Path, what: str) -> tuple[str, Any]:
+    """(text, parsed value) of a YAML file; an unreadable file or invalid YAML is a one-line ValueError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return text, yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
 
 
 def _numbers(node: Any) -> Any:

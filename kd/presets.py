@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from kd.config import MODEL_KEYS, ROLES, TRAIN_KEYS, deep_merge, validate
+from kd.config import MODEL_KEYS, ROLES, TRAIN_KEYS, deep_merge, read_yaml, validate
 from kd.io import atomic_write
 
 NOTE = "# preset applied: "
@@ -51,14 +51,7 @@ class Preset:
 
 def read_preset(path: str | Path) -> Preset:
     """Read a preset file (PyYAML, as :func:`kd.config.load_params` reads params files)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read preset ({e.strerror})") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    text, values = read_yaml(path, "preset")
     if not isinstance(values, dict) or not values:
         raise ValueError(f"{path}: expected a non-empty mapping of params.yaml keys")
     return Preset(str(path), text, values)
