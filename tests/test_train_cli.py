@@ -82,6 +82,7 @@ TINY = [
     "model.strides=[32]",
     "model.num_queries=8",
     "model.dn_groups=0",
+    "student.model.backbone_weights=null",  # the pretrain stage writes the default file
     "student.model.hidden_dim=32",
     "student.model.ffn_dim=64",
     "student.model.enc_layers=1",
