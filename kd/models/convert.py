@@ -513,7 +513,7 @@ def select_classes(model: nn.Module, rows: list[int]) -> nn.Module:
             module.weight = nn.Parameter(module.weight.data[keep].clone())
             module.bias = nn.Parameter(module.bias.data[keep].clone())
             module.out_features = len(rows)
-        elif isinstance(module, nn.Embedding) and module.num_embeddings in (old, old + 1):
+        elif "label" in name and isinstance(module, nn.Embedding) and module.num_embeddings in (old, old + 1):
             keep = torch.cat([index, torch.arange(old, module.num_embeddings)])  # DAB keeps "unknown" last
             module.weight = nn.Parameter(module.weight.data[keep].clone())
             module.num_embeddings = len(keep)
