@@ -36,10 +36,9 @@ from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from kd.checkpoint import load_checkpoint, load_model_state
-from kd.config import model_config
 from kd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kd.distill.attention import query_attention_maps
+from kd.distill.build import load_detector
 from kd.distill.detrdistill import query_quality, tafd_mask
 from kd.distill.kd_detr import GENERAL, SPECIFIC, box_to_embedding, query_spec, sample_anchors
 from kd.distill.selection import select_groups
@@ -52,16 +51,6 @@ GT_COLOR = "white"
 
 
 # ---------------------------------------------------------------------------- models
-
-
-def load_detector(params: dict, role: str, checkpoint: str | Path) -> nn.Module:
-    """The ``role`` (teacher | student) detector of ``params`` with the checkpoint's weights, eval mode,
-    frozen (as :mod:`kd.predict` builds it). A checkpoint of another architecture fails naming the keys."""
-    from kd.models import build_model
-
-    model = build_model(model_config(params, role))
-    load_model_state(model, load_checkpoint(checkpoint)["model"], checkpoint)
-    return model.eval().requires_grad_(False)
 
 
 def load_available(

@@ -24,15 +24,20 @@ METHODS = {
 }
 
 
-def load_teacher(params: dict, checkpoint: str | Path) -> nn.Module:
-    """The teacher of ``params`` (``model`` merged with ``teacher.model``) with the checkpoint's weights, in
-    eval mode and frozen. A checkpoint of another architecture or class count fails naming the keys."""
+def load_detector(params: dict, role: str, checkpoint: str | Path) -> nn.Module:
+    """The ``role`` (teacher | student) detector of ``params`` with the checkpoint's weights, in eval mode and
+    frozen. A checkpoint of another architecture or class count fails naming the keys."""
     from kd.models import build_model
 
     path = Path(checkpoint)
-    teacher = build_model(model_config(params, "teacher"))
-    load_model_state(teacher, load_checkpoint(path)["model"], path)
-    return teacher.eval().requires_grad_(False)
+    model = build_model(model_config(params, role))
+    load_model_state(model, load_checkpoint(path)["model"], path)
+    return model.eval().requires_grad_(False)
+
+
+def load_teacher(params: dict, checkpoint: str | Path) -> nn.Module:
+    """The teacher of ``params`` (``model`` merged with ``teacher.model``): :func:`load_detector`."""
+    return load_detector(params, "teacher", checkpoint)
 
 
 def distiller_config(params: dict, method: str):
