@@ -5,7 +5,7 @@ the timings with the methods interleaved round by round (ratios stay fair on a n
 short subprocess per method for its peak resident memory. The teacher is randomly initialised: its weights
 do not change the cost. Prints a table, then one JSON object with the ratios as its last line.
 
-    python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch 8]
+    python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch 8] [--no-share]
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torchvision
 
-from kd.config import load_params, model_config
+from kd.config import ROLES, load_params, model_config, train_config
 from kd.data.coco import collate_fn
 from kd.distill.build import loss_factory
-from kd.engine import criterion_loss
+from kd.engine import build_optimizer, criterion_loss
 from kd.models import build_criterion, build_model
 
 METHODS = ("none", "qskd", "kd_detr", "detrdistill")
@@ -48,17 +51,37 @@ def fake_batch(batch: int, size: int, num_classes: int, seed: int = 0):
     return collate_fn(items)
 
 
-def make_step(params: dict, method: str):
-    """A closure running one training iteration (forward, losses, backward, AdamW step) of ``method``."""
+def backbone_file(params: dict) -> dict:
+    """``params`` with the backbone weights file made to exist: the pretrain stage's file when it has run,
+    else a random ResNet state dict in a temporary file (the cost is the same; teacher and student load the
+    same file either way, as in the pipeline, so a shared frozen backbone is shared here too)."""
+    files = {model_config(params, r)["backbone_weights"] for r in ("teacher", "student")} - {None}
+    missing = sorted(f for f in files if not Path(f).exists())
+    if not missing:
+        return params
+    path = Path(tempfile.mkdtemp()) / "backbone.pt"
+    torch.save(getattr(torchvision.models, model_config(params, "student")["backbone"])().state_dict(), path)
+    roles = {r: {**params[r], "model": {**params[r]["model"], "backbone_weights": str(path)}} for r in ROLES}
+    return {**params, **roles}
+
+
+def make_step(params: dict, method: str, share: bool = True):
+    """A closure running one training iteration (forward, losses, backward, AdamW step) of ``method``.
+
+    As in ``kd.train``: the optimizer of ``student.train`` (``lr_backbone: 0`` freezes the backbone); the
+    teacher has random weights but its backbone file (they do not change the cost). ``share=False`` turns
+    off the shared frozen backbone (to measure what it saves)."""
     torch.manual_seed(0)
     params = {**params, "distill": {**params["distill"], "method": method}}
     student = build_model(model_config(params, "student")).train()
     criterion = build_criterion(params["loss"], model_config(params, "student")["num_classes"])
-    teacher = build_model({**model_config(params, "teacher"), "backbone_weights": None}).eval()
+    teacher = build_model(model_config(params, "teacher")).eval()
     factory = loss_factory(params, teacher=teacher)
     loss_fn = factory(student, criterion) if factory else criterion_loss(criterion)
-    extra = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
-    opt = torch.optim.AdamW(list(student.parameters()) + extra, lr=1e-4)
+    if factory and not share:
+        loss_fn._shared_backbone = False
+    extra = loss_fn if isinstance(loss_fn, torch.nn.Module) else None
+    opt = build_optimizer(student, train_config(params, "student"), extra)
 
     def step(batch):
         images, mask, targets = batch
@@ -77,8 +100,8 @@ def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
     importing torch and would hide the difference between methods."""
     code = (
         "import sys, threading, time, psutil; sys.argv=['x']; from bench.distill_overhead import *;"
-        f"p=load_params('params.yaml'); s=make_step(p,{method!r}); b=fake_batch({args.batch},{args.size},"
-        "model_config(p,'student')['num_classes']); s(b);"
+        f"p=backbone_file(load_params('params.yaml')); s=make_step(p,{method!r},share={not args.no_share});"
+        f"b=fake_batch({args.batch},{args.size},model_config(p,'student')['num_classes']); s(b);"
         "proc=psutil.Process(); peak=[0]; done=threading.Event()\n"
         "def watch():\n"
         "    while not done.is_set(): peak[0]=max(peak[0], proc.memory_info().rss); time.sleep(0.005)\n"
@@ -94,10 +117,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--no-share", action="store_true", help="compute a shared frozen backbone twice")
     args = p.parse_args()
-    params = load_params("params.yaml")
+    params = backbone_file(load_params("params.yaml"))
     batch = fake_batch(args.batch, args.size, model_config(params, "student")["num_classes"])
-    steps = {m: make_step(params, m) for m in METHODS}
+    steps = {m: make_step(params, m, share=not args.no_share) for m in METHODS}
     for step in steps.values():  # warm-up
         step(batch)
     times: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -110,7 +134,8 @@ def main() -> None:
     memory = {m: peak_memory_mb(m, args) for m in METHODS}
     base_t, base_m = statistics.median(times["none"]), memory["none"]
     print(f"{'method':<12} {'s/iter':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}")
-    result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size}
+    result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
+              "shared_backbone": not args.no_share}  # fmt: skip
     for m in METHODS:
         t = statistics.median(times[m])
         print(f"{m:<12} {t:8.3f} {t / base_t:6.2f} {memory[m]:9.0f} {memory[m] / base_m:6.2f}")

@@ -1,9 +1,15 @@
 """Backbone pre-training on the generated data: the small-scale analogue of ImageNet pre-training.
 
 Nothing can be downloaded here, so detectors would otherwise start from a random ResNet and DETRs converge
-slowly from scratch. This stage trains a torchvision ResNet to classify object crops (plus background
-crops) cut from the training split, then saves the trunk as a plain torchvision state dict that
-``kd.models.backbone.Backbone(weights=...)`` loads like any ImageNet checkpoint.
+slowly from scratch. This stage trains a torchvision ResNet on the training split and saves the trunk as a
+plain torchvision state dict that ``kd.models.backbone.Backbone(weights=...)`` loads like any ImageNet
+checkpoint. Two tasks:
+
+- ``dense`` (default): whole images at the detectors' scale; a 1x1 convolution on C4 (stride 16) and one on
+  C5 (stride 32) predict, at every feature location, the category of the smallest ground-truth box that
+  contains the location's centre (or background) and the log-distances to that box's sides (FCOS-style).
+  The features the frozen detector then reads already say *what* is where and how far its edges are.
+- ``crops``: classify object crops (plus background crops) resized to ``crop_size`` (ImageNet-style).
 """
 
 from __future__ import annotations
@@ -29,9 +35,19 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Knobs of the crop-classification pre-training (params.yaml ``pretrain``)."""
+    """Knobs of the backbone pre-training (params.yaml ``pretrain``).
+
+    ``task`` is ``dense`` or ``crops`` (module docstring); ``crop_size``, ``context`` and
+    ``background_per_image`` are read by ``crops`` only, ``image_sizes``, ``max_size`` and ``box_weight`` by
+    ``dense`` only (``image_sizes``: the shorter side is drawn from these, as the detectors' training
+    transforms do).
+    """
 
     backbone: str = "resnet18"
+    task: str = "dense"
+    image_sizes: tuple[int, ...] = (112, 128, 144)
+    max_size: int = 192
+    box_weight: float = 1.0
     crop_size: int = 64
     context: float = 0.25  # crop = box enlarged by this fraction on each side, jittered
     background_per_image: int = 2
@@ -41,6 +57,11 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     amp: str = "bf16"  # bf16 | none (CPU autocast)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_sizes", tuple(int(v) for v in self.image_sizes))
+        if self.task not in ("dense", "crops"):
+            raise ValueError(f"pretrain.task: must be 'dense' or 'crops' (got {self.task!r})")
 
 
 def _crop(image: Image.Image, box: tuple[float, ...], size: int) -> np.ndarray:
@@ -100,10 +121,15 @@ def _augment(crops: Tensor, generator: torch.Generator) -> Tensor:
 def pretrain_backbone(
     coco: COCO, img_dir: Path, cfg: PretrainConfig, out_path: Path, log=print
 ) -> dict[str, float]:
-    """Train ``cfg.backbone`` on crop classification and save its trunk to ``out_path`` (atomically).
+    """Train ``cfg.backbone`` on ``cfg.task`` and save its trunk to ``out_path`` (atomically).
 
-    Returns the training summary: final train loss and accuracy, crops, seconds.
+    Returns the training summary: final train loss and accuracy (per crop, or per feature location for
+    ``dense``), the number of crops or images, seconds.
     """
+    if cfg.task == "dense":
+        from kd.pretrain_dense import pretrain_dense
+
+        return pretrain_dense(coco, Path(img_dir), cfg, Path(out_path), log=log)
     start = time.time()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -2,7 +2,8 @@
 
     python -m kd.report notebooks/30_distill.ipynb 30_distill_qskd -p method qskd -p max_iters 0
 
-writes ``reports/nb/<name>.ipynb`` (the executed notebook) and ``reports/<name>.html`` (inputs hidden). Each
+writes ``reports/nb/<name>.ipynb`` (the executed notebook) and ``reports/<name>.html`` (inputs hidden, no
+script loaded from the network: figures are embedded, so a report opens offline as it is). Each
 is written to a temporary file and renamed, so a killed run leaves the previous versions intact; a failing
 notebook is kept as ``reports/nb/<name>.failed.ipynb`` with its traceback and the command exits non-zero.
 Parameter values are parsed as YAML (``true`` is a boolean, ``3`` an int), unlike papermill's ``-p``.
@@ -15,10 +16,32 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from kd.io import atomic_write
+
+# nbconvert's lab template loads require.js, MathJax and mermaid from a CDN; the reports use none of them
+OFFLINE_TEMPLATE = """{%- extends "index.html.j2" -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def html_exporter() -> Any:
+    """nbconvert's lab HTML exporter with inputs and prompts hidden and no script fetched from the network."""
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(
+        extra_loaders=[DictLoader({"kd_offline.html.j2": OFFLINE_TEMPLATE})],
+        template_file="kd_offline.html.j2",
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+    )
 
 
 def run_notebook(
@@ -35,7 +58,6 @@ def run_notebook(
     fails (the partial notebook is kept as ``<name>.failed.ipynb``).
     """
     import papermill
-    from nbconvert import HTMLExporter
 
     nb_path, html_path = Path(nb_dir) / f"{name}.ipynb", Path(html_dir) / f"{name}.html"
     nb_path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,9 +72,7 @@ def run_notebook(
             os.replace(tmp, nb_path.with_name(f"{name}.failed.ipynb"))
         raise
     os.replace(tmp, nb_path)
-    body, _ = HTMLExporter(
-        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True
-    ).from_filename(str(nb_path))
+    body, _ = html_exporter().from_filename(str(nb_path))
     html_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(html_path) as out:
         Path(out).write_text(body, encoding="utf-8")

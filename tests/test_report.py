@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import nbformat
 import pytest
 
@@ -25,6 +27,7 @@ def test_parameters_are_yaml_typed_and_outputs_written(tmp_path, monkeypatch):
     assert "flag-ok 6" in (tmp_path / "reports" / "nb" / "stage.ipynb").read_text()
     html = (tmp_path / "reports" / "stage.html").read_text()
     assert "flag-ok 6" in html and "assert flag is True" not in html  # inputs hidden
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # nothing fetched from a CDN: opens offline
     assert not list((tmp_path / "reports" / "nb").glob(".*"))  # no temporary file left
 
 

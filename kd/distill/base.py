@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kd.models.backbone import same_frozen, share_features
 from kd.models.outputs import DetectorOutput
 
 Targets = list[dict[str, Any]]
@@ -55,7 +56,9 @@ class DistillLoss(nn.Module):
     """``loss_fn(model, images, mask, targets)`` for ``kd.engine``: detection loss plus distillation.
 
     The teacher is held outside the module tree (so it is neither optimised nor checkpointed with the
-    student); the distiller's adapters are submodules and so train with the student.
+    student); the distiller's adapters are submodules and so train with the student. When teacher and
+    student use the same frozen backbone (the embedded default: both load the pretrain stage's ResNet and
+    do not train it), its features are computed once per step and given to both.
     """
 
     def __init__(self, teacher: nn.Module, criterion: nn.Module, distiller: Distiller):
@@ -63,6 +66,7 @@ class DistillLoss(nn.Module):
         self._teacher = [teacher.eval().requires_grad_(False)]
         self.criterion = criterion
         self.distiller = distiller
+        self._shared_backbone: bool | None = None  # decided at the first step (the optimizer freezes)
 
     @property
     def teacher(self) -> nn.Module:
@@ -75,6 +79,10 @@ class DistillLoss(nn.Module):
 
     def forward(self, model: nn.Module, images: Tensor, mask: Tensor, targets: Targets) -> dict[str, Tensor]:
         student = model.module if hasattr(model, "module") else model
+        if self._shared_backbone is None:
+            self._shared_backbone = same_frozen(self.teacher.backbone, student.backbone)
+        if self._shared_backbone:
+            share_features(self.teacher.backbone, [self.teacher.backbone, student.backbone], images, mask)
         t_groups, s_groups = self.distiller.queries(self.teacher, student, images.shape[0])
         attn = self.distiller.needs_attention
         with torch.no_grad():
