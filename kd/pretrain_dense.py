@@ -172,7 +172,7 @@ def pretrain_dense(
     generator = torch.Generator().manual_seed(cfg.seed)
     images, boxes, labels = load_split(coco, img_dir)
     num_classes = len(coco.getCatIds())
-    net = DenseNet(cfg.backbone, num_classes)
+    net = DenseNet(cfg.backbone, num_classes).to(memory_format=torch.channels_last)  # oneDNN's fast path
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -192,7 +192,7 @@ def pretrain_dense(
                 short, cfg.max_size, flips,
             )  # fmt: skip
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                outputs = net(x)
+                outputs = net(x.contiguous(memory_format=torch.channels_last))
             loss, c, n = dense_loss(outputs, targets, num_classes, cfg.box_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
