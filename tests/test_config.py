@@ -48,8 +48,10 @@ def test_overrides_are_parsed_as_yaml(params_file):
     file_batch = yaml.safe_load(params_file.read_text())["teacher"]["train"]["batch_size"]
     assert cfg.lr == pytest.approx(1e-4) and cfg.amp == "bf16" and cfg.batch_size == file_batch
     m = model_config(params, "teacher")
-    assert m["num_queries"] == 30 and m["two_stage"] is False and m["strides"] == [16, 32]
+    assert m["num_queries"] == 30 and m["two_stage"] is False
+    assert m["strides"] == yaml.safe_load(params_file.read_text())["teacher"]["model"]["strides"]  # role wins
     assert model_config(params, "student")["num_queries"] == 50
+    assert model_config(params, "student")["strides"] == [16, 32]
     assert params["distill"]["qskd"]["tau"] == -0.5
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd.models.backbone import same_frozen, share_features
+from kd.models.backbone import can_share, share_features
 from kd.models.outputs import DetectorOutput
 
 Targets = list[dict[str, Any]]
@@ -58,7 +58,8 @@ class DistillLoss(nn.Module):
     The teacher is held outside the module tree (so it is neither optimised nor checkpointed with the
     student); the distiller's adapters are submodules and so train with the student. When teacher and
     student use the same frozen backbone (the embedded default: both load the pretrain stage's ResNet and
-    do not train it), its features are computed once per step and given to both.
+    do not train it), its features are computed once per step and given to both (the one with more feature
+    levels computes them).
     """
 
     def __init__(self, teacher: nn.Module, criterion: nn.Module, distiller: Distiller):
@@ -67,6 +68,7 @@ class DistillLoss(nn.Module):
         self.criterion = criterion
         self.distiller = distiller
         self._shared_backbone: bool | None = None  # decided at the first step (the optimizer freezes)
+        self._share_from = "teacher"  # whose backbone computes the shared features (the one with more levels)
 
     @property
     def teacher(self) -> nn.Module:
@@ -79,10 +81,12 @@ class DistillLoss(nn.Module):
 
     def forward(self, model: nn.Module, images: Tensor, mask: Tensor, targets: Targets) -> dict[str, Tensor]:
         student = model.module if hasattr(model, "module") else model
+        t_bb, s_bb = self.teacher.backbone, student.backbone
         if self._shared_backbone is None:
-            self._shared_backbone = same_frozen(self.teacher.backbone, student.backbone)
+            self._share_from = "teacher" if can_share(t_bb, s_bb) else "student"
+            self._shared_backbone = can_share(t_bb, s_bb) or can_share(s_bb, t_bb)
         if self._shared_backbone:
-            share_features(self.teacher.backbone, [self.teacher.backbone, student.backbone], images, mask)
+            share_features(t_bb if self._share_from == "teacher" else s_bb, [t_bb, s_bb], images, mask)
         t_groups, s_groups = self.distiller.queries(self.teacher, student, images.shape[0])
         attn = self.distiller.needs_attention
         with torch.no_grad():

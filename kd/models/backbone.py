@@ -6,7 +6,8 @@ only when pretrained weights are loaded; from scratch the normalisation trains (
 Speed (CPU): the ResNet runs in channels_last memory format (oneDNN's fast convolution path, about 1.3x
 faster forward and backward than NCHW) and frozen batch norm is one fused ``F.batch_norm`` call; the
 returned feature maps are ordinary contiguous NCHW tensors. A distillation step whose teacher and student
-share the same frozen weights computes the trunk once (:func:`share_features`).
+share the same frozen weights computes the trunk once (:func:`share_features`), also when one of them reads
+fewer levels than the other.
 """
 
 from __future__ import annotations
@@ -131,20 +132,23 @@ def is_frozen(backbone: Backbone) -> bool:
     return not any(p.requires_grad for p in backbone.parameters()) and next(batch_norms, None) is None
 
 
-def same_frozen(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two backbones are frozen and compute the same features (same strides, equal weights)."""
-    if not (isinstance(a, Backbone) and isinstance(b, Backbone)) or a.strides != b.strides:
+def can_share(source: nn.Module, target: nn.Module) -> bool:
+    """Whether ``target`` can take ``source``'s features: both frozen, equal weights, and every stride of
+    ``target`` among ``source``'s (a stride-8/16/32 teacher feeds a stride-16/32 student: the trunk is the
+    same, the finer level is just not handed on)."""
+    if not (isinstance(source, Backbone) and isinstance(target, Backbone)):
         return False
-    if not (is_frozen(a) and is_frozen(b)):
+    if not set(target.strides) <= set(source.strides) or not (is_frozen(source) and is_frozen(target)):
         return False
-    sa, sb = a.state_dict(), b.state_dict()
+    sa, sb = source.state_dict(), target.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def share_features(source: Backbone, targets: list[Backbone], images: Tensor, mask: Tensor) -> None:
-    """Run ``source`` once on (images, mask) without gradients and hand its features to ``targets``'
-    next forward on the same ``images`` tensor (``same_frozen`` must hold for every pair)."""
+    """Run ``source`` once on (images, mask) without gradients and hand each of ``targets`` the levels of
+    its strides for its next forward on the same ``images`` tensor (``can_share(source, t)`` must hold)."""
     with torch.no_grad():
         features = source(images, mask)
+    level = dict(zip(source.strides, features, strict=True))
     for backbone in targets:
-        backbone.give(images, features)
+        backbone.give(images, [level[s] for s in backbone.strides])
