@@ -6,9 +6,10 @@ kernel too. A training step allocates and frees the same large temporaries every
 deformable attention's sampled values are 10 MB per encoder layer with a stride-8 level), so each of them
 is page-faulted and zeroed by the kernel again on every step: in a profile of the Deformable DETR teacher
 with strides 8/16/32 one elementwise multiply of that size took 16 ms instead of 0.6 ms, and the whole
-step ran ~1.4x slower (``bench/allocator.py``). PyTorch's CPU performance guide recommends jemalloc or
-tcmalloc for this; :func:`tune_malloc` gets the same effect from glibc itself with ``mallopt``: blocks up to
-32 MiB come from the heap and freed memory stays in the process for the next step.
+step ran 1.54x slower (the other models 1.16-1.2x; ``bench/allocator.py``). PyTorch's CPU performance
+guide recommends jemalloc or tcmalloc for this; :func:`tune_malloc` gets the same effect from glibc itself
+with ``mallopt``: blocks up to 32 MiB come from the heap and freed memory stays in the process for the next
+step.
 
 ``kd`` calls :func:`tune_malloc` on import, so the training command, the notebooks, the tests and the
 benchmarks all run with it; ``KD_TUNE_MALLOC=0`` in the environment turns it off. It is a no-op on other C
