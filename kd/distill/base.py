@@ -83,8 +83,9 @@ class DistillLoss(nn.Module):
         student = model.module if hasattr(model, "module") else model
         t_bb, s_bb = self.teacher.backbone, student.backbone
         if self._shared_backbone is None:
-            self._share_from = "teacher" if can_share(t_bb, s_bb) else "student"
-            self._shared_backbone = can_share(t_bb, s_bb) or can_share(s_bb, t_bb)
+            from_teacher = can_share(t_bb, s_bb)
+            self._share_from = "teacher" if from_teacher else "student"
+            self._shared_backbone = from_teacher or can_share(s_bb, t_bb)
         if self._shared_backbone:
             share_features(t_bb if self._share_from == "teacher" else s_bb, [t_bb, s_bb], images, mask)
         t_groups, s_groups = self.distiller.queries(self.teacher, student, images.shape[0])
