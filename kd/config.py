@@ -133,7 +133,9 @@ def apply_override(params: dict, item: str) -> None:
         raise ValueError(f"--set {item!r}: expected key=value")
     parts = key.split(".")
     if not _settable(params, parts):
-        raise ValueError(f"--set {key}: unknown key (not in the params file, nor a known model or train key)")
+        raise ValueError(
+            f"--set {key}: unknown key (not in the params file, nor a known model, train or distiller key)"
+        )
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -149,7 +151,8 @@ def apply_override(params: dict, item: str) -> None:
 
 
 def _settable(params: dict, parts: list[str]) -> bool:
-    """True if ``parts`` names an existing key or a known model/train key of a model/role section."""
+    """True if ``parts`` names an existing key, a known model/train key of a model/role section, or a field
+    of a distiller's config (``distill.<method>.<field>``; fields left out of params.yaml take defaults)."""
     node: Any = params
     for k in parts:
         if not isinstance(node, dict) or k not in node:
@@ -163,6 +166,10 @@ def _settable(params: dict, parts: list[str]) -> bool:
         return (parts[1] == "model" and parts[2] in MODEL_KEYS) or (
             parts[1] == "train" and parts[2] in TRAIN_KEYS
         )
+    if len(parts) == 3 and parts[0] == "distill":
+        from kd.distill.build import distiller_fields  # lazy: kd.distill imports this module
+
+        return parts[2] in distiller_fields(parts[1])
     return False
 
 

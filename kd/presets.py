@@ -77,7 +77,7 @@ def _known_fields() -> dict[tuple[str, ...], set[str]]:
     """Keys the code reads in sections that params.yaml does not list in full."""
     from kd.data.synthetic import SyntheticConfig
     from kd.data.transforms import COCO_TRANSFORMS
-    from kd.distill.build import METHODS, distiller_config
+    from kd.distill.build import METHODS, distiller_fields
     from kd.pretrain import PretrainConfig
 
     known: dict[tuple[str, ...], set[str]] = {("model",): set(MODEL_KEYS)}
@@ -85,8 +85,7 @@ def _known_fields() -> dict[tuple[str, ...], set[str]]:
         known[(role, "model")] = set(MODEL_KEYS)
         known[(role, "train")] = set(TRAIN_KEYS)
     for method in METHODS:
-        cfg = distiller_config({}, method)
-        known[("distill", method)] = {f.name for f in dataclasses.fields(cfg)}
+        known[("distill", method)] = set(distiller_fields(method))
     known[("data", "transforms")] = set(COCO_TRANSFORMS)
     known[("data", "synthetic")] = {f.name for f in dataclasses.fields(SyntheticConfig)}
     known[("pretrain",)] = {f.name for f in dataclasses.fields(PretrainConfig)}

@@ -38,9 +38,9 @@ class PretrainConfig:
     """Knobs of the backbone pre-training (params.yaml ``pretrain``).
 
     ``task`` is ``dense`` or ``crops`` (module docstring); ``crop_size``, ``context`` and
-    ``background_per_image`` are read by ``crops`` only, ``image_sizes``, ``max_size`` and ``box_weight`` by
-    ``dense`` only (``image_sizes``: the shorter side is drawn from these, as the detectors' training
-    transforms do).
+    ``background_per_image`` are read by ``crops`` only, ``strides``, ``image_sizes``, ``max_size`` and
+    ``box_weight`` by ``dense`` only (``strides``: the levels given a head; ``image_sizes``: the shorter side
+    is drawn from these, as the detectors' training transforms do).
     """
 
     backbone: str = "resnet18"
@@ -48,6 +48,7 @@ class PretrainConfig:
     image_sizes: tuple[int, ...] = (112, 128, 144)
     max_size: int = 192
     box_weight: float = 1.0
+    strides: tuple[int, ...] = (16, 32)  # dense only: the levels with a head (8 = C3, 16 = C4, 32 = C5)
     crop_size: int = 64
     context: float = 0.25  # crop = box enlarged by this fraction on each side, jittered
     background_per_image: int = 2
@@ -60,6 +61,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_sizes", tuple(int(v) for v in self.image_sizes))
+        from kd.pretrain_dense import check_strides
+
+        object.__setattr__(self, "strides", check_strides(self.strides))
         if self.task not in ("dense", "crops"):
             raise ValueError(f"pretrain.task: must be 'dense' or 'crops' (got {self.task!r})")
 

@@ -1,6 +1,7 @@
 """Dense backbone pre-training: per-location category and box sides on C4 and C5 (``pretrain.task: dense``).
 
-At every feature location of stride 16 (C4) and 32 (C5), a 1x1 convolution predicts the category of the
+At every feature location of each stride of ``pretrain.strides`` (default 16 = C4 and 32 = C5; 8 = C3 too for
+a teacher that reads C3), a 1x1 convolution predicts the category of the
 smallest ground-truth box containing the location's centre (background when none; the cell holding a box's
 centre always counts, so small boxes are not lost) and, for such locations, the log-distances from the
 location to the box's left, top, right and bottom sides in units of the stride (FCOS's targets). A linear
@@ -28,7 +29,8 @@ from kd.io import save_torch_atomic
 if TYPE_CHECKING:
     from kd.pretrain import PretrainConfig
 
-STRIDES = (16, 32)
+STRIDES = (16, 32)  # the default pretrain.strides
+LAYERS = {8: "layer2", 16: "layer3", 32: "layer4"}  # stride -> ResNet stage
 IGNORE = -100  # padded locations
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -76,20 +78,37 @@ def dense_targets(
     return cls, sides
 
 
-class DenseNet(nn.Module):
-    """A torchvision ResNet trunk with a linear (1x1 conv) head on C4 and on C5."""
+def check_strides(strides: tuple[int, ...]) -> tuple[int, ...]:
+    """``strides`` sorted, or ValueError unless they are distinct values of 8, 16, 32 (C3, C4, C5)."""
+    out = tuple(sorted(int(s) for s in strides))
+    if not out or len(set(out)) != len(out) or not set(out) <= set(LAYERS):
+        raise ValueError(
+            f"pretrain.strides: distinct values of {sorted(LAYERS)} expected, got {list(strides)}"
+        )
+    return out
 
-    def __init__(self, backbone: str, num_classes: int) -> None:
+
+class DenseNet(nn.Module):
+    """A torchvision ResNet trunk with a linear (1x1 conv) head on each level of ``strides``."""
+
+    def __init__(self, backbone: str, num_classes: int, strides: tuple[int, ...] = STRIDES) -> None:
         super().__init__()
+        self.strides = check_strides(strides)
         trunk = getattr(torchvision.models, backbone)(weights=None)
-        channels = (trunk.layer4[0].conv1.in_channels, trunk.fc.in_features)  # C4, C5
-        self.body = IntermediateLayerGetter(trunk, {"layer3": "c4", "layer4": "c5"})
+        self.body = IntermediateLayerGetter(trunk, {LAYERS[s]: str(s) for s in self.strides})
+        channels = [_out_channels(getattr(trunk, LAYERS[s])) for s in self.strides]
         self.heads = nn.ModuleList(nn.Conv2d(c, num_classes + 1 + 4, 1) for c in channels)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """x [B, 3, H, W] -> per stride (16, 32): [B, K + 1 + 4, H / s, W / s] (class logits, then sides)."""
+        """x [B, 3, H, W] -> per stride s: [B, K + 1 + 4, H / s, W / s] (class logits, then sides)."""
         feats = self.body(x)
-        return [head(feats[name]) for head, name in zip(self.heads, ("c4", "c5"), strict=True)]
+        return [head(feats[str(s)]) for head, s in zip(self.heads, self.strides, strict=True)]
+
+
+def _out_channels(stage: nn.Sequential) -> int:
+    """Output channels of a ResNet stage (BasicBlock: bn2, Bottleneck: bn3)."""
+    last = stage[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 def load_split(coco: COCO, img_dir: Path) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -108,7 +127,13 @@ def load_split(coco: COCO, img_dir: Path) -> tuple[list[Tensor], list[Tensor], l
 
 
 def make_batch(
-    images: list[Tensor], boxes: list[Tensor], labels: list[Tensor], short: int, max_size: int, flips: Tensor
+    images: list[Tensor],
+    boxes: list[Tensor],
+    labels: list[Tensor],
+    short: int,
+    max_size: int,
+    flips: Tensor,
+    strides: tuple[int, ...] = STRIDES,
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """Resize (shorter side ``short``, longer at most ``max_size``), flip, pad and build the targets.
 
@@ -126,14 +151,14 @@ def make_batch(
             box = torch.stack([nw - box[:, 2], box[:, 1], nw - box[:, 0], box[:, 3]], 1)
         resized.append(x)
         scaled.append(box)
-    H = math.ceil(max(x.shape[1] for x in resized) / STRIDES[-1]) * STRIDES[-1]
-    W = math.ceil(max(x.shape[2] for x in resized) / STRIDES[-1]) * STRIDES[-1]
+    H = math.ceil(max(x.shape[1] for x in resized) / 32) * 32  # C5's stride: every level tiles the canvas
+    W = math.ceil(max(x.shape[2] for x in resized) / 32) * 32
     batch = torch.zeros(len(resized), 3, H, W)
     for i, x in enumerate(resized):
         batch[i, :, : x.shape[1], : x.shape[2]] = x
     batch = (batch / 255.0 - MEAN) / STD
     targets = []
-    for s in STRIDES:
+    for s in strides:
         per_image = [
             dense_targets(b, lab, tuple(x.shape[1:]), (H // s, W // s), s)
             for x, b, lab in zip(resized, scaled, labels, strict=True)
@@ -172,12 +197,16 @@ def pretrain_dense(
     generator = torch.Generator().manual_seed(cfg.seed)
     images, boxes, labels = load_split(coco, img_dir)
     num_classes = len(coco.getCatIds())
-    net = DenseNet(cfg.backbone, num_classes).to(memory_format=torch.channels_last)  # oneDNN's fast path
+    net = DenseNet(cfg.backbone, num_classes, cfg.strides)
+    net = net.to(memory_format=torch.channels_last)  # oneDNN's fast path
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
-    log(f"pretrain {cfg.backbone} (dense): {len(images)} images, {num_classes} categories, {total} steps")
+    log(
+        f"pretrain {cfg.backbone} (dense, strides {list(net.strides)}): {len(images)} images, "
+        f"{num_classes} categories, {total} steps"
+    )
     net.train()
     stats = {"loss": math.nan, "accuracy": math.nan}
     for epoch in range(cfg.epochs):
@@ -189,7 +218,7 @@ def pretrain_dense(
             flips = torch.rand(len(idx), generator=generator) < 0.5
             x, targets = make_batch(
                 [images[j] for j in idx], [boxes[j] for j in idx], [labels[j] for j in idx],
-                short, cfg.max_size, flips,
+                short, cfg.max_size, flips, net.strides,
             )  # fmt: skip
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 outputs = net(x.contiguous(memory_format=torch.channels_last))

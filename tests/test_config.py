@@ -55,6 +55,14 @@ def test_overrides_are_parsed_as_yaml(params_file):
     assert params["distill"]["qskd"]["tau"] == -0.5
 
 
+def test_override_of_a_distiller_field_missing_from_the_file(params_file):
+    """A distiller config field left out of params.yaml (its default applies) can still be set."""
+    params = load_params(params_file, ["distill.qskd.lapd_neg_box=0.5", "distill.kd_detr.temperature=4"])
+    assert (
+        params["distill"]["qskd"]["lapd_neg_box"] == 0.5 and params["distill"]["kd_detr"]["temperature"] == 4
+    )
+
+
 @pytest.mark.parametrize(
     "item", ["model.no_such_key=1", "teacher.train.lr_typo=1", "nothing.here=2", "distill.qskd.x=1"]
 )

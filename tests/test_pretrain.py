@@ -63,6 +63,23 @@ def test_loss_is_lower_for_the_right_answer():
 def test_dense_net_shapes():
     out = DenseNet("resnet18", num_classes=10)(torch.randn(2, 3, 64, 96))
     assert [tuple(o.shape) for o in out] == [(2, 15, 4, 6), (2, 15, 2, 3)]
+    out = DenseNet("resnet50", num_classes=3, strides=(32, 8))(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape) for o in out] == [(1, 8, 8, 12), (1, 8, 2, 3)]  # sorted: C3 then C5
+
+
+def test_c3_targets_in_the_batch():
+    image = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
+    boxes, labels = [torch.tensor([[6.0, 6.0, 22.0, 22.0]])], [torch.tensor([3])]
+    x, targets = make_batch([image], boxes, labels, 64, 96, torch.tensor([False]), strides=(8, 16, 32))
+    assert [t[0].shape[1:] for t in targets] == [(8, 12), (4, 6), (2, 3)]
+    assert int((targets[0][0] == 3).sum()) == 2 * 2  # the 16-px box holds 2 x 2 stride-8 centres
+    assert int((targets[1][0] == 3).sum()) == 1
+
+
+@pytest.mark.parametrize("strides", [[4, 16], [16, 16], []])
+def test_bad_strides(strides):
+    with pytest.raises(ValueError, match="pretrain.strides"):
+        PretrainConfig(strides=strides)
 
 
 def test_unknown_task_is_an_error():

@@ -68,6 +68,7 @@ class TestConfig:
             True, True, True, 0.0, "per_gt", "teacher",
         )  # fmt: skip
         assert (cfg.lapd_cls, cfg.lapd_l1, cfg.lapd_giou, cfg.agfd_weight) == (1.0, 5.0, 2.0, 100.0)
+        assert cfg.lapd_neg_box == 1.0
         assert QSKDConfig.from_dict({"tau": -1, "select_on": "both"}).tau == -1
 
     @pytest.mark.parametrize(
@@ -78,6 +79,7 @@ class TestConfig:
             ({"grouping": "image"}, "grouping: expected one of"),
             ({"gqs": 1}, "gqs: expected true/false"),
             ({"lapd_l1": -1.0}, "lapd_l1"),
+            ({"lapd_neg_box": -0.5}, "lapd_neg_box"),
             ({"agfd_mask_floor": 0.0}, "agfd_mask_floor"),
             ({"agfd_weight": "100"}, "agfd_weight: expected a finite number"),
             ({"agfd_weight": float("inf")}, "agfd_weight"),
@@ -148,6 +150,34 @@ def test_without_gqs_is_positives_only(select_on):
     for key in off:
         assert_close(off[key], tau1[key])
     assert any(abs(float(off[k].detach() - all_neg[k].detach())) > 1e-4 for k in off)
+
+
+def test_lapd_neg_box_weights_only_the_negatives_box_terms():
+    """lapd_neg_box scales the hard-negative pairs' L1/GIoU and leaves the scores and the positives alone:
+    the box terms are linear in it."""
+    teacher, student = _model("deformable_detr").eval(), _model("deformable_detr", seed=1).eval()
+    t_out, s_out, targets = _outputs(teacher, student)
+    indices = _final_indices(s_out, targets)
+
+    def run(w):
+        return QSKD(QSKDConfig(agfd=False, tau=-1.0, lapd_neg_box=w), teacher, student)(
+            t_out, s_out, targets, indices
+        )
+
+    full, none, half = run(1.0), run(0.0), run(0.5)
+    for layer in range(2):
+        assert_close(none[f"loss_lapd_cls_{layer}"], full[f"loss_lapd_cls_{layer}"])
+        for k in ("bbox", "giou"):
+            key = f"loss_lapd_{k}_{layer}"
+            # tau = -1: every non-positive query is a hard negative, so some pairs are negatives
+            assert float(none[key].detach()) < float(full[key].detach())
+            assert_close(half[key], (full[key] + none[key]) / 2)
+    pos_only = [  # without hard negatives the weight has nothing to act on
+        QSKD(QSKDConfig(agfd=False, gqs=False, lapd_neg_box=w), teacher, student) for w in (0.0, 1.0)
+    ]
+    pos_only = [distiller(t_out, s_out, targets, indices) for distiller in pos_only]
+    for key in pos_only[0]:
+        assert_close(pos_only[0][key], pos_only[1][key])
 
 
 def test_agfd_matches_a_direct_computation():

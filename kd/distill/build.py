@@ -6,6 +6,7 @@ config (each part switchable); ``distill.teacher_checkpoint`` the trained or imp
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,14 @@ def load_detector(params: dict, role: str, checkpoint: str | Path) -> nn.Module:
 def load_teacher(params: dict, checkpoint: str | Path) -> nn.Module:
     """The teacher of ``params`` (``model`` merged with ``teacher.model``): :func:`load_detector`."""
     return load_detector(params, "teacher", checkpoint)
+
+
+def distiller_fields(method: str) -> tuple[str, ...]:
+    """The config field names of ``method`` (empty for an unknown method)."""
+    if method not in METHODS:
+        return ()
+    module, cfg_name, _ = METHODS[method]
+    return tuple(f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cfg_name)))
 
 
 def distiller_config(params: dict, method: str):

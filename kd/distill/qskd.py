@@ -19,7 +19,9 @@ No official code exists; this is the reconstruction of methods.md §4.2, every o
 * **LAPD**: pairs from :func:`kd.distill.selection.pair_selections` (positives through the GT index, hard
   negatives by a small Hungarian per GT group, costs ``pair_*`` = soft-BCE 1 / L1 5 / GIoU 2); losses soft
   BCE against sigmoid(teacher logits) summed over classes, L1 summed over coordinates and 1 - GIoU, each
-  averaged over the batch's pairs and weighted ``lapd_*`` (1/5/2).
+  averaged over the batch's pairs and weighted ``lapd_*`` (1/5/2). The box terms of hard-negative pairs are
+  further weighted ``lapd_neg_box`` (1: as reconstructed; 0: a negative's score is distilled, not its box,
+  which stops the box terms from pulling extra student queries onto an object: README, "QSKD").
 
 ``select_on`` says whose GQS defines the hard negatives: ``"both"`` pairs the student's hard negatives with
 the teacher's (TPRD); ``"teacher"`` pairs the teacher's hard negatives with any non-positive student query of
@@ -96,6 +98,7 @@ class QSKDConfig:
     lapd_cls: float = 1.0  # LAPD loss weights
     lapd_l1: float = 5.0
     lapd_giou: float = 2.0
+    lapd_neg_box: float = 1.0  # weight of hard-negative pairs' L1/GIoU terms (0: distil their scores only)
     pair_cls: float = 1.0  # LAPD pairing costs (soft BCE / L1 / -GIoU)
     pair_l1: float = 5.0
     pair_giou: float = 2.0
@@ -336,11 +339,14 @@ class QSKD(Distiller):
         batch = torch.cat([torch.full_like(s, b) for b, (s, _, _) in enumerate(pairs)]).to(device)
         s_idx = torch.cat([s for s, _, _ in pairs]).to(device)
         t_idx = torch.cat([q for _, q, _ in pairs]).to(device)
+        positive = torch.cat([p for _, _, p in pairs]).to(device)
         keys = [f"loss_lapd_{k}_{lid}" for k in ("cls", "bbox", "giou")]
         if s_idx.numel() == 0:
             return {k: _zero(s_logits) + _zero(s_boxes) for k in keys}
         t_prob = t_dec.logits[t][batch, t_idx].detach().float().sigmoid()
         cls = soft_bce(s_logits[batch, s_idx].float(), t_prob).mean()
         l1, giou = l1_giou(s_boxes[batch, s_idx].float(), t_dec.boxes[t][batch, t_idx].detach().float())
-        values = (cfg.lapd_cls * cls, cfg.lapd_l1 * l1.mean(), cfg.lapd_giou * giou.mean())
+        w_box = torch.where(positive, 1.0, cfg.lapd_neg_box)  # [M]; averaged over all pairs either way
+        l1, giou = (w_box * l1).mean(), (w_box * giou).mean()
+        values = (cfg.lapd_cls * cls, cfg.lapd_l1 * l1, cfg.lapd_giou * giou)
         return dict(zip(keys, values, strict=True))
