@@ -25,12 +25,13 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from kd.io import save_torch_atomic
+from kd.models.backbone import CHANNELS, STAGE_STRIDES
 
 if TYPE_CHECKING:
     from kd.pretrain import PretrainConfig
 
 STRIDES = (16, 32)  # the default pretrain.strides
-LAYERS = {8: "layer2", 16: "layer3", 32: "layer4"}  # stride -> ResNet stage
+LAYERS = {s: stage for stage, s in STAGE_STRIDES.items() if s >= 8}  # stride -> ResNet stage (C3, C4, C5)
 IGNORE = -100  # padded locations
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -96,19 +97,14 @@ class DenseNet(nn.Module):
         self.strides = check_strides(strides)
         trunk = getattr(torchvision.models, backbone)(weights=None)
         self.body = IntermediateLayerGetter(trunk, {LAYERS[s]: str(s) for s in self.strides})
-        channels = [_out_channels(getattr(trunk, LAYERS[s])) for s in self.strides]
+        stages = list(STAGE_STRIDES)
+        channels = [CHANNELS[backbone][stages.index(LAYERS[s])] for s in self.strides]
         self.heads = nn.ModuleList(nn.Conv2d(c, num_classes + 1 + 4, 1) for c in channels)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x [B, 3, H, W] -> per stride s: [B, K + 1 + 4, H / s, W / s] (class logits, then sides)."""
         feats = self.body(x)
         return [head(feats[str(s)]) for head, s in zip(self.heads, self.strides, strict=True)]
-
-
-def _out_channels(stage: nn.Sequential) -> int:
-    """Output channels of a ResNet stage (BasicBlock: bn2, Bottleneck: bn3)."""
-    last = stage[-1]
-    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 def load_split(coco: COCO, img_dir: Path) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:

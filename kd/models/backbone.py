@@ -24,8 +24,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 # stride of each ResNet stage and its output channels per depth
-_STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-_CHANNELS = {
+STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+CHANNELS = {
     "resnet18": [64, 128, 256, 512],
     "resnet34": [64, 128, 256, 512],
     "resnet50": [256, 512, 1024, 2048],
@@ -78,8 +78,8 @@ class Backbone(nn.Module):
         train_backbone: bool = True,
     ):
         super().__init__()
-        if name not in _CHANNELS:
-            raise ValueError(f"backbone must be one of {sorted(_CHANNELS)}; got {name!r}")
+        if name not in CHANNELS:
+            raise ValueError(f"backbone must be one of {sorted(CHANNELS)}; got {name!r}")
         if norm == "auto":
             norm = "frozen_bn" if weights else "bn"
         net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm))
@@ -91,7 +91,7 @@ class Backbone(nn.Module):
             ]
             if bad:
                 raise ValueError(f"{weights}: backbone weights do not fit {name}: {bad[:5]}")
-        stage_of = {s: n for n, s in _STAGE_STRIDES.items()}
+        stage_of = {s: n for n, s in STAGE_STRIDES.items()}
         bad_strides = [s for s in strides if s not in stage_of]
         if bad_strides:
             raise ValueError(f"backbone strides must be in (4, 8, 16, 32); got {bad_strides}")
@@ -100,7 +100,7 @@ class Backbone(nn.Module):
         self.body = IntermediateLayerGetter(net, return_layers=return_layers)
         self.body.to(memory_format=torch.channels_last)
         stage_index = {"layer1": 0, "layer2": 1, "layer3": 2, "layer4": 3}
-        self.num_channels = [_CHANNELS[name][stage_index[stage_of[s]]] for s in self.strides]
+        self.num_channels = [CHANNELS[name][stage_index[stage_of[s]]] for s in self.strides]
         if not train_backbone:
             for p in self.parameters():
                 p.requires_grad_(False)
