@@ -28,6 +28,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from kd.io import save_torch_atomic
+from kd.pretrain_dense import check_strides
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -61,8 +62,6 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_sizes", tuple(int(v) for v in self.image_sizes))
-        from kd.pretrain_dense import check_strides
-
         object.__setattr__(self, "strides", check_strides(self.strides))
         if self.task not in ("dense", "crops"):
             raise ValueError(f"pretrain.task: must be 'dense' or 'crops' (got {self.task!r})")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from kd.io import save_torch_atomic
-from kd.models.backbone import CHANNELS, STAGE_STRIDES
+from kd.models.backbone import STAGE_STRIDES, stage_channels
 
 if TYPE_CHECKING:
     from kd.pretrain import PretrainConfig
@@ -97,8 +97,7 @@ class DenseNet(nn.Module):
         self.strides = check_strides(strides)
         trunk = getattr(torchvision.models, backbone)(weights=None)
         self.body = IntermediateLayerGetter(trunk, {LAYERS[s]: str(s) for s in self.strides})
-        stages = list(STAGE_STRIDES)
-        channels = [CHANNELS[backbone][stages.index(LAYERS[s])] for s in self.strides]
+        channels = [stage_channels(backbone, s) for s in self.strides]
         self.heads = nn.ModuleList(nn.Conv2d(c, num_classes + 1 + 4, 1) for c in channels)
 
     def forward(self, x: Tensor) -> list[Tensor]:

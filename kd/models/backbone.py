@@ -33,6 +33,11 @@ CHANNELS = {
 }
 
 
+def stage_channels(name: str, stride: int) -> int:
+    """Output channels of ResNet ``name``'s stage of ``stride`` (4, 8, 16 or 32)."""
+    return CHANNELS[name][list(STAGE_STRIDES.values()).index(stride)]
+
+
 class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's FrozenBatchNorm2d (same buffers and state dict) computed by one ``F.batch_norm`` call
     in inference mode instead of separate multiply and add passes. [B, C, H, W] -> [B, C, H, W]."""
@@ -99,8 +104,7 @@ class Backbone(nn.Module):
         return_layers = {stage_of[s]: str(i) for i, s in enumerate(self.strides)}
         self.body = IntermediateLayerGetter(net, return_layers=return_layers)
         self.body.to(memory_format=torch.channels_last)
-        stage_index = {"layer1": 0, "layer2": 1, "layer3": 2, "layer4": 3}
-        self.num_channels = [CHANNELS[name][stage_index[stage_of[s]]] for s in self.strides]
+        self.num_channels = [stage_channels(name, s) for s in self.strides]
         if not train_backbone:
             for p in self.parameters():
                 p.requires_grad_(False)
