@@ -26,13 +26,17 @@ from bench.amp_speed import make_step  # noqa: E402
 from bench.distill_overhead import backbone_file, fake_batch  # noqa: E402
 from kd.config import load_params  # noqa: E402
 
+FT = "teacher.train.lr_backbone=5e-5"  # fine-tuned backbone: layer2-4 train (backbone_trainable_layers null)
 VARIANTS = {
     "default": [],
     "dec_layers 6": ["teacher.model.dec_layers=6"],
     "enc_layers 4": ["teacher.model.enc_layers=4"],
     "hidden 256": ["teacher.model.hidden_dim=256", "teacher.model.ffn_dim=1024"],
-    "backbone fine-tuned": ["teacher.train.lr_backbone=5e-5"],
-    "fine-tuned + dec_layers 6": ["teacher.train.lr_backbone=5e-5", "teacher.model.dec_layers=6"],
+    "fine-tuned all 5 stages": [FT, "teacher.model.backbone_trainable_layers=5"],
+    "fine-tuned layer2-4": [FT],
+    "fine-tuned layer3-4": [FT, "teacher.model.backbone_trainable_layers=2"],
+    "fine-tuned + dec_layers 6": [FT, "teacher.model.dec_layers=6"],
+    "fine-tuned + dec 6, bf16": [FT, "teacher.model.dec_layers=6", "teacher.train.amp=bf16"],
     "100 queries": ["teacher.model.num_queries=100"],
 }
 
@@ -46,18 +50,19 @@ def main() -> None:
     p.add_argument("--size", type=int, default=144)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    steps = {}
+    steps, amp = {}, {}
     for name, overrides in VARIANTS.items():
         params = backbone_file(load_params(args.params, overrides))
         steps[name] = make_step(params, "teacher")
+        amp[name] = params["teacher"]["train"].get("amp", "none")
     batch = fake_batch(args.batch, args.size, params["model"]["num_classes"])
-    for step in steps.values():  # warm-up
-        step(batch, "none")
+    for name, step in steps.items():  # warm-up
+        step(batch, amp[name])
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             t0 = time.perf_counter()
-            step(batch, "none")
+            step(batch, amp[name])
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in times.items()}
     for name, m in med.items():

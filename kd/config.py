@@ -31,6 +31,7 @@ MODEL_KEYS = (
     "backbone",
     "backbone_weights",
     "backbone_norm",
+    "backbone_trainable_layers",
     "strides",
     "hidden_dim",
     "nheads",
@@ -267,6 +268,10 @@ def _check_model(cfg: dict, name) -> None:
         raise ValueError(
             f"{name('strides')}: expected a non-empty list drawn from 4, 8, 16, 32; got {strides!r}"
         )
+    if cfg.get("backbone_trainable_layers") is not None:
+        _check_int(cfg, "backbone_trainable_layers", name("backbone_trainable_layers"), minimum=0)
+        if cfg["backbone_trainable_layers"] > 5:
+            raise ValueError(f"{name('backbone_trainable_layers')}: must be in 0..5 or null")
     weights = cfg.get("backbone_weights")
     if weights is not None and not isinstance(weights, str):
         raise ValueError(f"{name('backbone_weights')}: expected a file path or null; got {weights!r}")

@@ -40,7 +40,35 @@ def test_bad_weights_file_names_keys(tmp_path):
         Backbone("resnet18", weights=str(path))
 
 
-@pytest.mark.parametrize("kwargs", [{"name": "vgg16"}, {"strides": (64,)}, {"norm": "ln"}])
+def _trained_stages(net: Backbone) -> set[str]:
+    return {name.split(".")[0] for name, p in net.body.named_parameters() if p.requires_grad}
+
+
+def test_trainable_layers_follow_torchvision(tmp_path):
+    # pretrained weights: layer2-4 train as in DETR; from scratch everything; explicit counts from layer4 down
+    path = tmp_path / "r18.pt"
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    assert _trained_stages(Backbone("resnet18", (32,), weights=str(path))) == {"layer2", "layer3", "layer4"}
+    assert _trained_stages(Backbone("resnet18", (32,))) == {
+        "conv1",
+        "bn1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    }
+    assert _trained_stages(Backbone("resnet18", (32,), trainable_layers=1)) == {"layer4"}
+    assert _trained_stages(Backbone("resnet18", (32,), trainable_layers=0)) == set()
+    full = Backbone("resnet18", (32,), weights=str(path), trainable_layers=5)
+    assert _trained_stages(full) == {"conv1", "layer1", "layer2", "layer3", "layer4"}  # frozen bn1: no params
+    assert _trained_stages(Backbone("resnet18", (32,), train_backbone=False, trainable_layers=5)) == set()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"name": "vgg16"}, {"strides": (64,)}, {"norm": "ln"}, {"trainable_layers": 6}]
+)
 def test_bad_options(kwargs):
     with pytest.raises(ValueError):
         Backbone(**kwargs)

@@ -103,6 +103,14 @@ def test_override_without_value_and_missing_file(params_file, tmp_path):
         ("teacher.train.amp=fp8", r"teacher\.train\.amp: expected one of none, bf16, fp16"),
         ("loss.giou=-1", r"loss\.giou: expected a number >= 0\.0"),
         ("model.strides=[7]", r"model\.strides: expected a non-empty list"),
+        (
+            "teacher.model.backbone_trainable_layers=6",
+            r"teacher\.model\.backbone_trainable_layers: must be in 0\.\.5",
+        ),
+        (
+            "student.model.backbone_trainable_layers=-1",
+            r"student\.model\.backbone_trainable_layers: expected an",
+        ),
     ],
 )
 def test_each_bad_value_is_one_line_naming_the_key(params_file, item, message):

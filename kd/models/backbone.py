@@ -2,6 +2,8 @@
 
 No weights are downloaded: ``weights=None`` unless a local state-dict file is given. Batch norm is frozen
 only when pretrained weights are loaded; from scratch the normalisation trains (batch or group norm).
+Which stages train follows torchvision's ``trainable_layers``: with pretrained weights the last 3 (layer2-4,
+as DETR and Deformable DETR train them), from scratch all 5 (stem, layer1-4).
 
 Speed (CPU): the ResNet runs in channels_last memory format (oneDNN's fast convolution path, about 1.3x
 faster forward and backward than NCHW) and frozen batch norm is one fused ``F.batch_norm`` call; the
@@ -31,6 +33,19 @@ CHANNELS = {
     "resnet50": [256, 512, 1024, 2048],
     "resnet101": [256, 512, 1024, 2048],
 }
+# torchvision's trainable_layers order: the last ``n`` of these train (the stem's batch norm with conv1)
+TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
+def trainable_prefixes(trainable_layers: int | None, pretrained: bool) -> tuple[str, ...]:
+    """Parameter-name prefixes of the stages that train: ``trainable_layers`` in 0..5 counted from layer4
+    (torchvision's ``resnet_fpn_backbone`` convention); None means 3 with pretrained weights (DETR freezes
+    the stem and layer1) and 5 (everything) from scratch."""
+    n = (3 if pretrained else 5) if trainable_layers is None else trainable_layers
+    if not 0 <= n <= 5:
+        raise ValueError(f"backbone_trainable_layers must be in 0..5 or null; got {trainable_layers!r}")
+    names = TRAINABLE_ORDER[:n]
+    return names + ("bn1",) if "conv1" in names else names
 
 
 def stage_channels(name: str, stride: int) -> int:
@@ -72,6 +87,8 @@ class Backbone(nn.Module):
         weights: optional path to a local torchvision state dict (never downloaded).
         norm: "auto" (frozen_bn with weights, bn without), or frozen_bn | bn | gn.
         train_backbone: if False, all backbone parameters are frozen.
+        trainable_layers: how many stages train, 0..5 from layer4 down to the stem (torchvision's
+            convention); None: 3 with ``weights`` (layer2-4, as DETR), 5 without.
     """
 
     def __init__(
@@ -81,6 +98,7 @@ class Backbone(nn.Module):
         weights: str | None = None,
         norm: str = "auto",
         train_backbone: bool = True,
+        trainable_layers: int | None = None,
     ):
         super().__init__()
         if name not in CHANNELS:
@@ -105,8 +123,9 @@ class Backbone(nn.Module):
         self.body = IntermediateLayerGetter(net, return_layers=return_layers)
         self.body.to(memory_format=torch.channels_last)
         self.num_channels = [stage_channels(name, s) for s in self.strides]
-        if not train_backbone:
-            for p in self.parameters():
+        train = trainable_prefixes(trainable_layers, bool(weights)) if train_backbone else ()
+        for pname, p in self.body.named_parameters():
+            if not pname.startswith(train):
                 p.requires_grad_(False)
         self._given: tuple[weakref.ref, list[tuple[Tensor, Tensor]]] | None = None
 

@@ -169,6 +169,7 @@ class DeformableDETR(nn.Module):
             tuple(cfg.get("strides", (8, 16, 32))),
             cfg.get("backbone_weights"),
             cfg.get("backbone_norm", "auto"),
+            trainable_layers=cfg.get("backbone_trainable_layers"),
         )
         keys = (
             "hidden_dim", "nheads", "enc_layers", "dec_layers", "ffn_dim", "dropout", "num_queries",

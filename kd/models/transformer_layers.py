@@ -418,6 +418,7 @@ SINGLE_SCALE_KEYS = {
     "backbone": "resnet18",
     "backbone_weights": None,
     "backbone_norm": "auto",
+    "backbone_trainable_layers": None,
     "strides": [32],
     "hidden_dim": ...,
     "nheads": ...,
@@ -438,6 +439,7 @@ def pop_single_scale_backbone(values: dict):
         (values.pop("strides")[-1],),
         values.pop("backbone_weights"),
         values.pop("backbone_norm"),
+        trainable_layers=values.pop("backbone_trainable_layers"),
     )
 
 
