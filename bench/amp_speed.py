@@ -25,6 +25,7 @@ from bench.distill_overhead import backbone_file, fake_batch  # noqa: E402
 from kd.config import load_params, model_config, train_config  # noqa: E402
 from kd.engine import autocast, build_optimizer, criterion_loss  # noqa: E402
 from kd.models import build_criterion, build_model  # noqa: E402
+from kd.runtime import cpu_bf16_flags  # noqa: E402
 
 MODES = ("none", "bf16")
 
@@ -49,17 +50,6 @@ def make_step(params: dict, role: str):
     return step
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's bf16-related instruction flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    lines = text.splitlines()
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
@@ -71,7 +61,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     params = backbone_file(load_params(args.params))
-    result = {"cpu_flags": cpu_flags(), "threads": args.threads}
+    result = {"cpu_flags": cpu_bf16_flags(), "threads": args.threads}
     for role in ("teacher", "student"):
         step = make_step(params, role)
         batch = fake_batch(args.batch, args.size, model_config(params, role)["num_classes"])

@@ -34,6 +34,7 @@ from kd import distributed as D
 from kd.checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from kd.config import TrainConfig
 from kd.io import atomic_write, write_json_atomic
+from kd.runtime import cpu_bf16_flags
 
 log = logging.getLogger(__name__)
 _AUX_TERM = re.compile(r"_\d+$")  # loss terms of intermediate decoder layers (kept out of log lines)
@@ -343,6 +344,8 @@ def fit(
     """
     out_dir = Path(out_dir)
     last = out_dir / "last.pt"
+    if device.type == "cpu" and cfg.amp == "bf16" and not cpu_bf16_flags():
+        log.warning("amp bf16 on a CPU without AVX-512 BF16 / AMX runs about 2x slower than amp none")
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, step, state = 0, 0, {"train": {}, "val": {}, "best": {}}
     if resume and last.is_file():

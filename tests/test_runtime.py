@@ -1,4 +1,5 @@
-"""Tests for kd/runtime.py: glibc's allocator keeps training-sized temporaries once kd is imported."""
+"""Tests for kd/runtime.py: glibc's allocator keeps training-sized temporaries once kd is imported; the CPU's
+bf16 flags."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from kd import runtime
 from kd.runtime import _libc, tune_malloc
 
 GLIBC = _libc() is not None and hasattr(_libc(), "mallinfo2")  # glibc >= 2.33
@@ -49,3 +51,21 @@ def test_import_tunes_and_keeps_blocks_in_the_heap():
 def test_opt_out(monkeypatch):
     monkeypatch.setenv("KD_TUNE_MALLOC", "0")
     assert tune_malloc() is False
+
+
+def test_cpu_bf16_flags_reads_cpuinfo(monkeypatch, tmp_path):
+    import builtins
+
+    fake = tmp_path / "cpuinfo"
+    real_open = builtins.open
+
+    def opener(path, *args, **kwargs):
+        return real_open(fake if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", opener)
+    fake.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 amx_tile sse\n\nprocessor : 1\n")
+    assert runtime.cpu_bf16_flags() == ["amx_tile", "avx512_bf16"]
+    fake.write_text("processor : 0\nflags : fpu avx2 sse\n")
+    assert runtime.cpu_bf16_flags() == []
+    fake.unlink()
+    assert runtime.cpu_bf16_flags() == []
