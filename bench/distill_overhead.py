@@ -5,7 +5,7 @@ the timings with the methods interleaved round by round (ratios stay fair on a n
 short subprocess per method for its peak resident memory. The teacher is randomly initialised: its weights
 do not change the cost. Prints a table, then one JSON object with the ratios as its last line.
 
-    python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch 8] [--no-share]
+    python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch 8] [--no-share] [--params FILE]
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def make_step(params: dict, method: str, share: bool = True):
 
     As in ``kd.train``: the optimizer of ``student.train`` (``lr_backbone: 0`` freezes the backbone); the
     teacher has random weights but its backbone file (they do not change the cost). ``share=False`` turns
-    off the shared frozen backbone (to measure what it saves)."""
+    off the shared frozen backbone (to measure what it saves); a teacher whose backbone trains
+    (``teacher.train.lr_backbone`` > 0) never shares it, as in the pipeline, where its weights then differ
+    from the student's."""
     torch.manual_seed(0)
     params = {**params, "distill": {**params["distill"], "method": method}}
     student = build_model(model_config(params, "student")).train()
@@ -78,7 +80,7 @@ def make_step(params: dict, method: str, share: bool = True):
     teacher = build_model(model_config(params, "teacher")).eval()
     factory = loss_factory(params, teacher=teacher)
     loss_fn = factory(student, criterion) if factory else criterion_loss(criterion)
-    if factory and not share:
+    if factory and (not share or train_config(params, "teacher").lr_backbone != 0):
         loss_fn._shared_backbone = False
     extra = loss_fn if isinstance(loss_fn, torch.nn.Module) else None
     opt = build_optimizer(student, train_config(params, "student"), extra)
@@ -100,7 +102,7 @@ def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
     importing torch and would hide the difference between methods."""
     code = (
         "import sys, threading, time, psutil; sys.argv=['x']; from bench.distill_overhead import *;"
-        f"p=backbone_file(load_params('params.yaml')); s=make_step(p,{method!r},share={not args.no_share});"
+        f"p=backbone_file(load_params({args.params!r})); s=make_step(p,{method!r},share={not args.no_share});"
         f"b=fake_batch({args.batch},{args.size},model_config(p,'student')['num_classes']); s(b);"
         "proc=psutil.Process(); peak=[0]; done=threading.Event()\n"
         "def watch():\n"
@@ -118,8 +120,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--no-share", action="store_true", help="compute a shared frozen backbone twice")
+    p.add_argument("--params", default="params.yaml", help="params file (e.g. a preset applied to a copy)")
     args = p.parse_args()
-    params = backbone_file(load_params("params.yaml"))
+    params = backbone_file(load_params(args.params))
     batch = fake_batch(args.batch, args.size, model_config(params, "student")["num_classes"])
     steps = {m: make_step(params, m, share=not args.no_share) for m in METHODS}
     for step in steps.values():  # warm-up
