@@ -1,10 +1,19 @@
 """Tests for kd/models/backbone.py."""
 
+import copy
+
 import pytest
 import torch
+import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
-from kd.models.backbone import Backbone
+from kd.models.backbone import (
+    Backbone,
+    FoldedConv2d,
+    FoldedFrozenBatchNorm2d,
+    FusedFrozenBatchNorm2d,
+    fold_frozen_batch_norms,
+)
 
 
 @pytest.mark.parametrize("name,channels", [("resnet18", [128, 256, 512]), ("resnet50", [512, 1024, 2048])])
@@ -72,3 +81,58 @@ def test_trainable_layers_follow_torchvision(tmp_path):
 def test_bad_options(kwargs):
     with pytest.raises(ValueError):
         Backbone(**kwargs)
+
+
+def test_frozen_batch_norms_fold_into_convolutions(tmp_path):
+    """The folded trunk (the default with weights) computes the unfolded one's features and weight
+    gradients, keeps torchvision's state-dict keys and copies intact."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    for m in net.modules():  # non-trivial statistics, as pre-trained weights have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path / "r18.pt"
+    torch.save(net.state_dict(), path)
+    folded = Backbone("resnet18", strides=(8, 16, 32), weights=str(path), trainable_layers=5)
+    folded = folded.double()  # float64: the comparison sees the fold, not float32 summation order
+    plain = copy.deepcopy(folded)
+    for m in plain.modules():  # undo the fold: plain convolutions and fused frozen batch norms again
+        if isinstance(m, FoldedConv2d):
+            m.__class__ = torch.nn.Conv2d
+        elif isinstance(m, FoldedFrozenBatchNorm2d):
+            m.__class__ = FusedFrozenBatchNorm2d
+    assert (
+        sum(isinstance(m, FoldedConv2d) for m in folded.modules()) == 20
+    )  # stem 1 + 8 blocks x 2 + 3 downsample
+    assert not any(isinstance(m, FoldedConv2d) for m in plain.modules())
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+    images, mask = torch.randn(2, 3, 64, 96, dtype=torch.float64), torch.zeros(2, 64, 96, dtype=torch.bool)
+    out_f, out_p = folded(images, mask), plain(images, mask)
+    for (a, _), (b, _) in zip(out_f, out_p, strict=True):
+        torch.testing.assert_close(a, b)
+    sum(a.square().sum() for a, _ in out_f).backward()
+    sum(b.square().sum() for b, _ in out_p).backward()
+    for (name, pf), pp in zip(folded.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad, pp.grad, msg=name)
+    # a loaded state dict changes the fold; a deep copy folds with its own batch norms
+    state = {k: v + 0.1 if "running_mean" in k else v for k, v in plain.state_dict().items()}
+    plain.load_state_dict(state)
+    folded.load_state_dict(state)
+    clone = copy.deepcopy(folded)
+    clone_conv = clone.body.conv1
+    assert clone_conv._folded_bn[0] is clone.body.bn1 and clone.body.bn1 is not folded.body.bn1
+    with torch.no_grad():
+        for (a, _), (b, _), (c, _) in zip(
+            folded(images, mask), plain(images, mask), clone(images, mask), strict=True
+        ):
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(c, a)
+
+
+def test_trainable_norms_are_not_folded():
+    net = Backbone("resnet18", strides=(32,), weights=None)  # from scratch: batch norm trains
+    assert fold_frozen_batch_norms(net) == 0
+    assert not any(isinstance(m, FoldedConv2d) for m in net.modules())

@@ -5,9 +5,10 @@ only when pretrained weights are loaded; from scratch the normalisation trains (
 Which stages train follows torchvision's ``trainable_layers``: with pretrained weights the last 3 (layer2-4,
 as DETR and Deformable DETR train them), from scratch all 5 (stem, layer1-4).
 
-Speed (CPU): the ResNet runs in channels_last memory format (oneDNN's fast convolution path, about 1.3x
-faster forward and backward than NCHW) and frozen batch norm is one fused ``F.batch_norm`` call; the
-returned feature maps are ordinary contiguous NCHW tensors. A distillation step whose teacher and student
+Speed (CPU): the ResNet runs in channels_last memory format (oneDNN's convolution path) and each frozen
+batch norm is folded into the convolution before it (:func:`fold_frozen_batch_norms`: one convolution with
+scaled weights and a bias, no normalisation pass forward or backward); the returned feature maps are
+ordinary contiguous NCHW tensors. A distillation step whose teacher and student
 share the same frozen weights computes the trunk once (:func:`share_features`), also when one of them reads
 fewer levels than the other.
 """
@@ -63,6 +64,52 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
         )
 
 
+class FoldedConv2d(nn.Conv2d):
+    """A convolution followed by a frozen batch norm, computed as one convolution with weight ``W * s`` and
+    bias ``beta - mean * s``, ``s = gamma / sqrt(var + eps)``. The batch norm keeps its buffers (state dicts
+    are unchanged; loading one updates the fold) and becomes the identity (:class:`FoldedFrozenBatchNorm2d`).
+    Gradients reach ``W`` through the product. [B, C_in, H, W] -> [B, C_out, H', W']."""
+
+    _folded_bn: tuple[FrozenBatchNorm2d]  # a tuple, so the batch norm is not registered twice
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self._folded_bn[0]
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # [C_out]
+        weight = self.weight * scale[:, None, None, None]
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class FoldedFrozenBatchNorm2d(FusedFrozenBatchNorm2d):
+    """A frozen batch norm already applied by the :class:`FoldedConv2d` before it: the identity."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+# (convolution, its batch norm) child names in torchvision's ResNet stem, blocks and downsample branches
+_CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("0", "1"))
+
+
+def fold_frozen_batch_norms(net: nn.Module) -> int:
+    """Fold every frozen batch norm of a torchvision ResNet into the convolution before it, in place
+    (module classes swapped, parameters and buffers untouched); returns the number of folds. Outputs equal
+    the unfolded network's to float rounding; the batch norms' forward and backward passes disappear
+    (~1.09x faster training steps of the Deformable DETR benchmark with the backbone trained:
+    ``bench/README.md``)."""
+    n = 0
+    for module in net.modules():
+        children = dict(module.named_children())
+        for conv_name, bn_name in _CONV_BN_PAIRS:
+            conv, bn = children.get(conv_name), children.get(bn_name)
+            if type(conv) is nn.Conv2d and type(bn) is FusedFrozenBatchNorm2d:
+                conv.__class__ = FoldedConv2d
+                conv._folded_bn = (bn,)
+                bn.__class__ = FoldedFrozenBatchNorm2d
+                n += 1
+    return n
+
+
 def _norm_layer(norm: str):
     if norm == "frozen_bn":
         return FusedFrozenBatchNorm2d
@@ -114,6 +161,8 @@ class Backbone(nn.Module):
             ]
             if bad:
                 raise ValueError(f"{weights}: backbone weights do not fit {name}: {bad[:5]}")
+        if norm == "frozen_bn":
+            fold_frozen_batch_norms(net)
         stage_of = {s: n for n, s in STAGE_STRIDES.items()}
         bad_strides = [s for s in strides if s not in stage_of]
         if bad_strides:
