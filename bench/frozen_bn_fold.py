@@ -22,24 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.detector_speed as ds  # noqa: E402
 from kd.config import load_params, model_config  # noqa: E402
 from kd.models import build_criterion  # noqa: E402
-from kd.models.backbone import FoldedConv2d, FoldedFrozenBatchNorm2d, FusedFrozenBatchNorm2d  # noqa: E402
-
-
-def unfold(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every fold undone: plain convolutions, fused frozen batch norms."""
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, FoldedConv2d):
-            m.__class__ = nn.Conv2d
-        elif isinstance(m, FoldedFrozenBatchNorm2d):
-            m.__class__ = FusedFrozenBatchNorm2d
-    return model
+from kd.models.backbone import unfold_frozen_batch_norms  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +42,8 @@ def main() -> None:
     cfg = {**base, "backbone_norm": "frozen_bn", "backbone_weights": None, "dn_groups": 0}
     cfg["arch"] = "deformable_detr"
     folded, _ = ds.make_pair(cfg, "deformable_detr")
-    plain = unfold(folded)
+    plain = copy.deepcopy(folded)
+    unfold_frozen_batch_norms(plain)
     batch = ds.make_batch(16, 160, cfg["num_classes"])
     with torch.no_grad():
         diff = (folded.eval()(*batch[:2]).boxes - plain.eval()(*batch[:2]).boxes).abs().max().item()

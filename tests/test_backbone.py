@@ -10,9 +10,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from kd.models.backbone import (
     Backbone,
     FoldedConv2d,
-    FoldedFrozenBatchNorm2d,
-    FusedFrozenBatchNorm2d,
     fold_frozen_batch_norms,
+    unfold_frozen_batch_norms,
 )
 
 
@@ -99,11 +98,7 @@ def test_frozen_batch_norms_fold_into_convolutions(tmp_path):
     folded = Backbone("resnet18", strides=(8, 16, 32), weights=str(path), trainable_layers=5)
     folded = folded.double()  # float64: the comparison sees the fold, not float32 summation order
     plain = copy.deepcopy(folded)
-    for m in plain.modules():  # undo the fold: plain convolutions and fused frozen batch norms again
-        if isinstance(m, FoldedConv2d):
-            m.__class__ = torch.nn.Conv2d
-        elif isinstance(m, FoldedFrozenBatchNorm2d):
-            m.__class__ = FusedFrozenBatchNorm2d
+    assert unfold_frozen_batch_norms(plain) == 20  # undone: plain convolutions, fused frozen batch norms
     assert (
         sum(isinstance(m, FoldedConv2d) for m in folded.modules()) == 20
     )  # stem 1 + 8 blocks x 2 + 3 downsample

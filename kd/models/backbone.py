@@ -109,6 +109,20 @@ def fold_frozen_batch_norms(net: nn.Module) -> int:
     return n
 
 
+def unfold_frozen_batch_norms(net: nn.Module) -> int:
+    """Undo :func:`fold_frozen_batch_norms` in place (plain convolutions, fused frozen batch norms again),
+    e.g. to compare against the folded network; returns the number of folds undone."""
+    n = 0
+    for m in net.modules():
+        if isinstance(m, FoldedConv2d):
+            m.__class__ = nn.Conv2d
+            del m._folded_bn
+            n += 1
+        elif isinstance(m, FoldedFrozenBatchNorm2d):
+            m.__class__ = FusedFrozenBatchNorm2d
+    return n
+
+
 def _norm_layer(norm: str):
     if norm == "frozen_bn":
         return FusedFrozenBatchNorm2d
