@@ -12,6 +12,7 @@ A checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``)::
     config     the model config dict the model was built from
     metrics    dict of metrics at save time
     extra      state dict of trainable modules outside the model (e.g. distiller adapters), or None
+    ema        state dict of the weights' moving average (kd.ema.ModelEMA), or None
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CHECKPOINT_KEYS = (
     "config",
     "metrics",
     "extra",
+    "ema",
 )
 
 
@@ -85,6 +87,7 @@ def make_checkpoint(
     config: dict | None = None,
     metrics: dict | None = None,
     extra: nn.Module | None = None,
+    ema: nn.Module | None = None,
     rng: dict | None = None,
 ) -> dict:
     """Assemble the checkpoint dict (see the module docstring); RNG states are captured now unless given
@@ -100,6 +103,7 @@ def make_checkpoint(
         "config": dict(config or {}),
         "metrics": dict(metrics or {}),
         "extra": extra.state_dict() if extra is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
     }
 
 

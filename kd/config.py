@@ -82,6 +82,8 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    ema_decay: float = 0.0  # > 0: evaluate and ship an EMA of the weights (kd.ema.ModelEMA); 0: off
+    ema_tau: float = 0.0  # EMA decay ramp in steps: decay * (1 - exp(-t / tau)); 0: constant decay
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -290,6 +292,8 @@ def _check_train(cfg: TrainConfig, where: str) -> None:
     for key in ("weight_decay", "clip_max_norm", "lr_drop_gamma", "lr_linear_proj_mult"):
         _check_number(getattr(cfg, key), f"{where}.{key}", minimum=0.0)
     _check_choice(cfg.amp, f"{where}.amp", AMP_MODES)
+    _check_number(cfg.ema_decay, f"{where}.ema_decay", minimum=0.0, maximum=0.99999)  # 0: off
+    _check_number(cfg.ema_tau, f"{where}.ema_tau", minimum=0.0)
     if not isinstance(cfg.find_unused_parameters, bool):
         raise ValueError(
             f"{where}.find_unused_parameters: expected true or false; got {cfg.find_unused_parameters!r}"

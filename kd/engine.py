@@ -33,6 +33,7 @@ from tqdm.std import tqdm
 from kd import distributed as D
 from kd.checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from kd.config import TrainConfig
+from kd.ema import ModelEMA
 from kd.io import atomic_write, write_json_atomic
 from kd.runtime import cpu_bf16_flags
 
@@ -224,9 +225,10 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     max_iters: int | None = None,
     log_every: int = 50,
+    ema: ModelEMA | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns (mean of each loss term and ``loss`` over the epoch and all
-    processes, plus ``lr``; the updated global step).
+    processes, plus ``lr``; the updated global step). ``ema`` is updated after every optimizer step.
 
     Raises :class:`NonFiniteLossError` before applying a step whose loss is NaN/inf.
     """
@@ -255,6 +257,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
         step += 1
         n += 1
         for k, v in {"loss": loss, **losses}.items():
@@ -340,6 +344,10 @@ def fit(
     raised for a resumed run. ``extra``: trainable modules outside the model (already in ``optimizer``)
     whose state is checkpointed too. Returns the summary dict.
 
+    With ``cfg.ema_decay`` > 0 an exponential moving average of the weights (:class:`kd.ema.ModelEMA`) is
+    kept alongside: it is what gets evaluated and what ``best.pt`` holds as its ``model`` (the raw weights
+    stay in ``last.pt`` for resuming, with the average under ``ema``).
+
     Each step costs one host sync, for the non-finite loss check (the matcher syncs anyway).
     """
     out_dir = Path(out_dir)
@@ -348,9 +356,16 @@ def fit(
         log.warning("amp bf16 on a CPU without AVX-512 BF16 / AMX runs about 2x slower than amp none")
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, step, state = 0, 0, {"train": {}, "val": {}, "best": {}}
+    ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema_decay > 0 else None
     if resume and last.is_file():
         ckpt = load_checkpoint(last)
         load_model_state(model, ckpt["model"], last)
+        if ema is not None:
+            if ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            else:
+                log.warning("%s holds no EMA weights: the average starts from the resumed model", last)
+                ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -378,10 +393,11 @@ def fit(
             scaler=scaler,
             max_iters=max_iters,
             log_every=cfg.log_every,
+            ema=ema,
         )
         state["train"] = {"epoch": epoch, "step": step, **train_stats}
         if evaluate_fn is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            state["val"] = {"epoch": epoch, **evaluate_fn(model)}
+            state["val"] = {"epoch": epoch, **evaluate_fn(model if ema is None else ema.module)}
             ap = state["val"].get("AP")
             if ap is not None and (not state["best"] or ap > state["best"]["AP"]):
                 state["best"] = dict(state["val"])  # every COCO metric of the best epoch
@@ -401,9 +417,13 @@ def fit(
                 config=model_config,
                 metrics=state,
                 extra=extra,
+                ema=ema,
                 rng=rng,
             )
-            if state["best"].get("epoch") == epoch:
+            if state["best"].get("epoch") == epoch and ema is not None:
+                best = out_dir / "best.pt"
+                save_checkpoint(best, ema.module, epoch=epoch, step=step, config=model_config, metrics=state)
+            elif state["best"].get("epoch") == epoch:
                 with atomic_write(out_dir / "best.pt") as tmp:
                     shutil.copyfile(last, tmp)
         if D.is_main_process():
