@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.distill_overhead import backbone_file, fake_batch  # noqa: E402
-from kd.config import load_params, model_config, train_config  # noqa: E402
+from kd.config import load_params, loss_config, model_config, train_config  # noqa: E402
 from kd.engine import autocast, build_optimizer, criterion_loss  # noqa: E402
 from kd.models import build_criterion, build_model  # noqa: E402
 from kd.runtime import cpu_bf16_flags  # noqa: E402
@@ -35,7 +35,7 @@ def make_step(params: dict, role: str):
     torch.manual_seed(0)
     mcfg = model_config(params, role)
     model = build_model(mcfg).train()
-    loss_fn = criterion_loss(build_criterion(params["loss"], mcfg["num_classes"]))
+    loss_fn = criterion_loss(build_criterion(loss_config(params, role), mcfg["num_classes"]))
     optimizer = build_optimizer(model, train_config(params, role))
     cpu = torch.device("cpu")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from kd.config import ROLES, load_params, model_config, train_config
+from kd.config import ROLES, load_params, loss_config, model_config, train_config
 from kd.data.coco import collate_fn
 from kd.distill.build import loss_factory
 from kd.engine import build_optimizer, criterion_loss
@@ -76,7 +76,8 @@ def make_step(params: dict, method: str, share: bool = True):
     torch.manual_seed(0)
     params = {**params, "distill": {**params["distill"], "method": method}}
     student = build_model(model_config(params, "student")).train()
-    criterion = build_criterion(params["loss"], model_config(params, "student")["num_classes"])
+    num_classes = model_config(params, "student")["num_classes"]
+    criterion = build_criterion(loss_config(params, "student"), num_classes)
     teacher = build_model(model_config(params, "teacher")).eval()
     factory = loss_factory(params, teacher=teacher)
     loss_fn = factory(student, criterion) if factory else criterion_loss(criterion)

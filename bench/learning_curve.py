@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kd import distributed as D  # noqa: E402
-from kd.config import load_params, model_config, train_config, validate  # noqa: E402
+from kd.config import load_params, loss_config, model_config, train_config, validate  # noqa: E402
 from kd.engine import (  # noqa: E402
     build_optimizer,
     build_scheduler,
@@ -53,7 +53,7 @@ def main() -> None:
     info = D.init_distributed("cpu")
     seed_everything(cfg.seed, deterministic=False)
     model = build_model(mcfg)
-    criterion = build_criterion(params.get("loss") or {}, mcfg["num_classes"])
+    criterion = build_criterion(loss_config(params, args.role), mcfg["num_classes"])
     postprocess = PostProcess(num_select=min(100, mcfg["num_queries"] * mcfg["num_classes"]))
     train_loader, val_loader, val_set = _loaders(params, cfg, info, with_train=True)
     loss_fn = criterion_loss(criterion)

@@ -6,7 +6,7 @@ What a bigger or fine-tuned teacher costs per step decides whether it fits the p
 on one fixed random batch (random weights except the backbone file: weights do not change the cost). The
 last line is one JSON object: per variant the median s/step and its ratio to ``default``.
 
-    python bench/teacher_variants.py [--threads 1] [--rounds 5]
+    python bench/teacher_variants.py [--threads 1] [--rounds 5] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from bench.distill_overhead import backbone_file, fake_batch  # noqa: E402
 from kd.config import load_params  # noqa: E402
 
 FT = "teacher.train.lr_backbone=5e-5"  # fine-tuned backbone: layer2-4 train (backbone_trainable_layers null)
+VFL = "teacher.loss.cls_loss=varifocal"  # IoU-aware classification (RT-DETR)
+O2M = "teacher.model.one2many_queries=150"  # H-DETR hybrid matching: 150 one-to-many proposals
 VARIANTS = {
     "default": [],
     "dec_layers 6": ["teacher.model.dec_layers=6"],
@@ -38,6 +40,9 @@ VARIANTS = {
     "fine-tuned + dec_layers 6": [FT, "teacher.model.dec_layers=6"],
     "fine-tuned + dec 6, bf16": [FT, "teacher.model.dec_layers=6", "teacher.train.amp=bf16"],
     "100 queries": ["teacher.model.num_queries=100"],
+    "varifocal": [VFL],
+    "one-to-many 150": [O2M],
+    "varifocal + one-to-many 150": [VFL, O2M],
 }
 
 
@@ -48,10 +53,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=144)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="time these variants (and default) only")
     args = p.parse_args()
+    unknown = sorted(set(args.only or ()) - set(VARIANTS))
+    if unknown:
+        p.error(f"--only: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     torch.set_num_threads(args.threads)
     steps, amp = {}, {}
     for name, overrides in VARIANTS.items():
+        if args.only and name != "default" and name not in args.only:
+            continue
         params = backbone_file(load_params(args.params, overrides))
         steps[name] = make_step(params, "teacher")
         amp[name] = params["teacher"]["train"].get("amp", "none")

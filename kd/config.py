@@ -25,6 +25,22 @@ BACKBONE_NORMS = ("auto", "frozen_bn", "bn", "gn")
 DISTILL_METHODS = ("none", "qskd", "kd_detr", "detrdistill")
 AMP_MODES = ("none", "bf16", "fp16")
 
+LOSS_KEYS = (
+    "cls",
+    "l1",
+    "giou",
+    "match_cls",
+    "match_l1",
+    "match_giou",
+    "focal_alpha",
+    "focal_gamma",
+    "cls_loss",
+    "vfl_alpha",
+    "one2many_k",  # hybrid matching: each ground truth repeated k times for the one-to-many group
+    "one2many_weight",
+)
+CLS_LOSSES = ("focal", "varifocal")  # kd.models.criterion.CLS_LOSSES
+
 # every key the detectors' ``from_config`` may read at the top level of a ``model`` section
 MODEL_KEYS = (
     "arch",
@@ -49,6 +65,7 @@ MODEL_KEYS = (
     "dn_label_noise",
     "dn_box_noise",
     "extra_levels",  # Deformable DETR: extra stride-2 levels on top of the backbone's last
+    "one2many_queries",  # Deformable DETR, two-stage: H-DETR's one-to-many group in training
     "activation",
     "num_patterns",  # DAB-DETR
     "random_refpoints_xy",
@@ -137,7 +154,8 @@ def apply_override(params: dict, item: str) -> None:
     parts = key.split(".")
     if not _settable(params, parts):
         raise ValueError(
-            f"--set {key}: unknown key (not in the params file, nor a known model, train or distiller key)"
+            f"--set {key}: unknown key (not in the params file, nor a known model, train, loss or distiller"
+            " key)"
         )
     try:
         value = yaml.safe_load(text)
@@ -154,8 +172,9 @@ def apply_override(params: dict, item: str) -> None:
 
 
 def _settable(params: dict, parts: list[str]) -> bool:
-    """True if ``parts`` names an existing key, a known model/train key of a model/role section, or a field
-    of a distiller's config (``distill.<method>.<field>``; fields left out of params.yaml take defaults)."""
+    """True if ``parts`` names an existing key, a known key of a model/loss section (top level or a role's),
+    a known train key of a role, or a field of a distiller's config (``distill.<method>.<field>``; fields
+    left out of params.yaml take defaults)."""
     node: Any = params
     for k in parts:
         if not isinstance(node, dict) or k not in node:
@@ -163,12 +182,11 @@ def _settable(params: dict, parts: list[str]) -> bool:
         node = node[k]
     else:
         return True
-    if len(parts) == 2 and parts[0] == "model":
-        return parts[1] in MODEL_KEYS
+    if len(parts) == 2 and parts[0] in ("model", "loss"):
+        return parts[1] in (MODEL_KEYS if parts[0] == "model" else LOSS_KEYS)
     if len(parts) == 3 and parts[0] in ROLES and parts[0] in params:
-        return (parts[1] == "model" and parts[2] in MODEL_KEYS) or (
-            parts[1] == "train" and parts[2] in TRAIN_KEYS
-        )
+        known = {"model": MODEL_KEYS, "train": TRAIN_KEYS, "loss": LOSS_KEYS}
+        return parts[2] in known.get(parts[1], ())
     if len(parts) == 3 and parts[0] == "distill":
         from kd.distill.build import distiller_fields  # lazy: kd.distill imports this module
 
@@ -199,6 +217,21 @@ def _role_section(params: dict, role: str, section: str) -> dict:
 def model_config(params: dict, role: str) -> dict:
     """The model config of ``role``: ``params["model"]`` deep-merged with ``params[role]["model"]``."""
     return deep_merge(params.get("model") or {}, _role_section(params, role, "model"))
+
+
+def loss_config(params: dict, role: str) -> dict:
+    """The loss settings of ``role``: ``params["loss"]`` updated with ``params[role]["loss"]``."""
+    return {**(params.get("loss") or {}), **_role_section(params, role, "loss")}
+
+
+def _check_loss(section: dict, where: str) -> None:
+    for key, value in section.items():
+        if key not in LOSS_KEYS:
+            raise ValueError(f"{where}.{key}: unknown key (known: {', '.join(LOSS_KEYS)})")
+        if key == "cls_loss":
+            _check_choice(value, f"{where}.{key}", CLS_LOSSES)
+        else:
+            _check_number(value, f"{where}.{key}", minimum=0.0)
 
 
 def train_config(params: dict, role: str) -> TrainConfig:
@@ -232,8 +265,10 @@ def validate(params: dict) -> None:
     if "teacher" not in params and "student" not in params:
         _check_model(params["model"], lambda k: f"model.{k}")
     _check_int(params, "seed", "seed", minimum=0, required=False)
-    for key, value in (params.get("loss") or {}).items():
-        _check_number(value, f"loss.{key}", minimum=0.0)
+    _check_loss(params.get("loss") or {}, "loss")
+    for role in ROLES:
+        if role in params:
+            _check_loss(_role_section(params, role, "loss"), f"{role}.loss")
     distill = params.get("distill")
     if isinstance(distill, dict) and "method" in distill:
         _check_choice(distill["method"], "distill.method", DISTILL_METHODS)
@@ -256,7 +291,7 @@ def _check_model(cfg: dict, name) -> None:
         _check_choice(cfg["backbone_norm"], name("backbone_norm"), BACKBONE_NORMS)
     for key in ("hidden_dim", "nheads", "num_queries", "num_classes", "dec_layers", "ffn_dim"):
         _check_int(cfg, key, name(key), minimum=1, required=key in ("hidden_dim", "nheads", "num_queries"))
-    for key in ("enc_layers", "dn_groups"):
+    for key in ("enc_layers", "dn_groups", "one2many_queries"):
         _check_int(cfg, key, name(key), minimum=0, required=False)
     for key in ("enc_points", "dec_points"):
         _check_int(cfg, key, name(key), minimum=1, required=False)

@@ -57,6 +57,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
 
 
 def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` atomically."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save(obj, path)`` atomically, byte-identical for identical ``obj``.
+
+    Saving through a file object keeps the zip archive's root folder at torch's fixed ``archive/``; given
+    a path, torch names it after the (random) temporary file, so equal weights would hash differently in DVC.
+    """
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kd import distributed as D
 from kd.checkpoint import load_checkpoint, load_model_state
-from kd.config import ROLES, TrainConfig, load_params, model_config, train_config, validate
+from kd.config import ROLES, TrainConfig, load_params, loss_config, model_config, train_config, validate
 from kd.engine import (
     EpochSampler,
     LossFn,
@@ -85,7 +85,7 @@ def run(
     from kd.models.postprocess import PostProcess
 
     model = build_model(mcfg).to(info.device)
-    criterion = build_criterion(params.get("loss") or {}, mcfg["num_classes"]).to(info.device)
+    criterion = build_criterion(loss_config(params, role), mcfg["num_classes"]).to(info.device)
     postprocess = PostProcess(num_select=min(100, mcfg["num_queries"] * mcfg["num_classes"]))
     train_loader, val_loader, val_set = _loaders(params, cfg, info, with_train=not eval_only)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd.config import TrainConfig, load_params, model_config, train_config, validate
+from kd.config import TrainConfig, load_params, loss_config, model_config, train_config, validate
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -104,6 +104,7 @@ def test_override_without_value_and_missing_file(params_file, tmp_path):
         ("student.train.ema_decay=1.0", r"student\.train\.ema_decay: expected a number in \[0\.0, 0\.9"),
         ("teacher.train.ema_tau=-5", r"teacher\.train\.ema_tau: expected a number >= 0\.0"),
         ("loss.giou=-1", r"loss\.giou: expected a number >= 0\.0"),
+        ("teacher.loss.cls_loss=softmax", r"teacher\.loss\.cls_loss: expected one of focal, varifocal"),
         ("model.strides=[7]", r"model\.strides: expected a non-empty list"),
         (
             "teacher.model.backbone_trainable_layers=6",
@@ -120,6 +121,18 @@ def test_each_bad_value_is_one_line_naming_the_key(params_file, item, message):
     with pytest.raises(ValueError, match=message) as info:
         validate(params)
     assert "\n" not in str(info.value)
+
+
+def test_role_loss_overrides_the_shared_section(params_file):
+    params = load_params(params_file, ["teacher.loss.cls_loss=varifocal", "teacher.loss.cls=1.0"])
+    validate(params)
+    teacher, student = loss_config(params, "teacher"), loss_config(params, "student")
+    assert teacher["cls_loss"] == "varifocal" and teacher["cls"] == 1.0
+    assert student.get("cls_loss", "focal") == "focal" and student["cls"] == params["loss"]["cls"]
+    assert teacher["l1"] == student["l1"] == params["loss"]["l1"]
+    params["student"]["loss"] = {"vfl": 0.5}
+    with pytest.raises(ValueError, match=r"student\.loss\.vfl: unknown key"):
+        validate(params)
 
 
 def test_unknown_model_key_in_file(params_file):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 from kd.models.criterion import SetCriterion, check_finite, num_boxes_global, total
 from kd.models.matcher import HungarianMatcher
@@ -112,6 +112,68 @@ class TestValues:
         two = _criterion()(_output(logits.repeat(1, 2, 1, 1), boxes.repeat(1, 2, 1, 1)), TARGETS * 2)
         for k in one:
             torch.testing.assert_close(two[k], one[k])
+
+
+class TestVarifocal:
+    def test_matches_manual_formula(self):
+        """RT-DETR's loss_labels_vfl written out: IoU targets, weight alpha * p^gamma or the target."""
+        gen = torch.Generator().manual_seed(5)
+        logits = torch.randn(1, 2, 3, C, generator=gen)
+        boxes = torch.rand(1, 2, 3, 4, generator=gen) * 0.3 + 0.3
+        crit = _criterion(cls_loss="varifocal")
+        losses = crit(_output(logits, boxes), TARGETS)
+        score = torch.zeros(2, 3, C)
+        for b, (src, tgt) in enumerate(crit.last_indices):
+            for s, t in zip(src.tolist(), tgt.tolist(), strict=True):
+                iou = box_iou(
+                    box_convert(boxes[0, b, s][None], "cxcywh", "xyxy"),
+                    box_convert(TARGETS[b]["boxes"][t][None], "cxcywh", "xyxy"),
+                )
+                score[b, s, TARGETS[b]["labels"][t]] = iou.item()
+        p = logits[0].sigmoid()
+        weight = 0.75 * p**2 * (score == 0) + score
+        bce = -(score * p.log() + (1 - score) * (1 - p).log())
+        torch.testing.assert_close(losses["loss_cls"], 2.0 * (weight * bce).sum() / 3)
+        focal = _criterion()(_output(logits, boxes), TARGETS)
+        torch.testing.assert_close(losses["loss_bbox"], focal["loss_bbox"])
+        torch.testing.assert_close(losses["loss_giou"], focal["loss_giou"])
+
+    def test_well_localised_positive_is_pulled_higher(self):
+        """Two matched queries with equal logits: the better box gets the larger push upwards."""
+        targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]] * 2)}]
+        boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.35, 0.3, 0.2, 0.2], [0.9, 0.9, 0.05, 0.05]]])
+        logits = torch.zeros(1, 1, 3, C, requires_grad=True)
+        crit = _criterion(cls_loss="varifocal")
+        total(crit(_output(logits, boxes[None]), targets)).backward()
+        src, tgt = crit.last_indices[0]
+        pairs = zip(src.tolist(), tgt.tolist(), strict=True)
+        grad = {t: logits.grad[0, 0, s, int(targets[0]["labels"][t])] for s, t in pairs}
+        exact = 0 if int(src[tgt.tolist().index(0)]) == 0 else 1
+        assert grad[exact] < grad[1 - exact] < 0
+
+    def test_unknown_cls_loss_is_refused(self):
+        with pytest.raises(ValueError, match="loss.cls_loss"):
+            _criterion(cls_loss="softmax")
+
+
+class TestOneToMany:
+    def test_each_target_matched_k_times_and_normalised_by_k(self):
+        """Two one-to-many queries offset like test_known_offset both match the single target (k=2)."""
+        gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+        targets = [{"labels": torch.tensor([2]), "boxes": gt}]
+        pred = torch.tensor([[0.6, 0.5, 0.2, 0.3], [0.4, 0.5, 0.2, 0.3], [0.9, 0.9, 0.05, 0.05]])
+        o2m = _decoder(torch.zeros(2, 1, 3, C), pred.expand(2, 1, 3, 4))
+        out = _output(torch.zeros(1, 1, 1, C), pred[None, None, :1], one2many=o2m)
+        crit = _criterion(one2many_k=2, one2many_weight=0.5)
+        losses = crit(out, targets)
+        assert {"loss_bbox_o2m", "loss_bbox_o2m_0", "loss_cls_o2m", "loss_giou_o2m_0"} <= set(losses)
+        assert sorted(crit.last_indices[0][0].tolist()) == [0]  # the detection matching, not the o2m one
+        torch.testing.assert_close(losses["loss_bbox_o2m"], 0.5 * losses["loss_bbox"])  # mean over 2 pairs
+        torch.testing.assert_close(losses["loss_giou_o2m_0"], 0.5 * losses["loss_giou"])
+
+    def test_absent_group_adds_nothing(self):
+        logits, boxes = _perfect()
+        assert not any("o2m" in k for k in _criterion()(_output(logits, boxes), TARGETS))
 
 
 class TestNames:

@@ -155,6 +155,36 @@ def test_extra_groups_do_not_change_detection(name):
     assert set(out.extra) == {"a", "b"} and out.extra["b"].logits.shape == (L, B, 3, C)
 
 
+def test_one2many_group_is_isolated_and_training_only():
+    """H-DETR: the next M proposals form their own group; detection, denoising and extras do not change."""
+    model = _model(two_stage=True, box_refine=True, dn_groups=2).train()
+    images, mask, targets = _batch()
+    torch.manual_seed(5)
+    ref = model(images, mask, targets, extra_queries={"a": _extra(model)})
+    hybrid = copy.deepcopy(model)
+    hybrid.one2many_queries = 6
+    torch.manual_seed(5)
+    out = hybrid(images, mask, targets, extra_queries={"a": _extra(model)})
+    assert ref.one2many is None and out.one2many.logits.shape == (L, B, 6, C)
+    for got, want in (
+        (out.detection, ref.detection),
+        (out.denoising, ref.denoising),
+        (out.extra["a"], ref.extra["a"]),
+    ):
+        assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        assert_close(got.boxes, want.boxes, rtol=1e-5, atol=1e-5)
+    # the one-to-many anchors are the proposals ranked Q+1 .. Q+M
+    score = out.proposals["logits"][..., 0].masked_fill(~out.proposals["valid"], float("-inf"))
+    ranked = out.proposals["boxes"].gather(1, score.topk(Q + 6, dim=1).indices[..., None].expand(-1, -1, 4))
+    assert_close(out.one2many.queries.sigmoid(), ranked[:, Q:], rtol=1e-5, atol=1e-6)
+    assert hybrid.eval()(images, mask).one2many is None
+
+
+def test_one2many_needs_two_stage():
+    with pytest.raises(ValueError, match="one2many_queries > 0 needs two_stage"):
+        DeformableDETR(Backbone("resnet18", (32,)), hidden_dim=D, nheads=2, num_queries=Q, one2many_queries=4)
+
+
 @pytest.mark.parametrize("name", ["plain", "dn"])
 def test_native_queries_as_extra_group_reproduce_detection(name):
     model = _model(**OPTIONS[name]).eval()

@@ -55,6 +55,13 @@ class TestTorch:
         torch.testing.assert_close(loaded["w"], state["w"])
         assert loaded["epoch"] == 3
 
+    def test_same_object_same_bytes(self, tmp_path):
+        """Equal weights give equal files (DVC hashes them); torch.save(obj, path) would not."""
+        state = {"w": torch.arange(4.0), "epoch": 3}
+        save_torch_atomic(state, tmp_path / "a.pt")
+        save_torch_atomic(state, tmp_path / "b.pt")
+        assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
     def test_failure_keeps_previous(self, tmp_path):
         path = tmp_path / "ckpt.pt"
         save_torch_atomic({"epoch": 1}, path)

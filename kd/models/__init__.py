@@ -25,7 +25,7 @@ def build_model(cfg: dict) -> nn.Module:
 
 
 def build_criterion(cfg_loss: dict, num_classes: int) -> nn.Module:
-    """``SetCriterion`` with its ``HungarianMatcher`` from the ``loss`` section of params.yaml."""
+    """``SetCriterion`` with its ``HungarianMatcher`` from a ``loss`` section (``kd.config.loss_config``)."""
     from kd.models.criterion import SetCriterion
     from kd.models.matcher import HungarianMatcher
 
@@ -45,4 +45,8 @@ def build_criterion(cfg_loss: dict, num_classes: int) -> nn.Module:
         weight_giou=cfg_loss.get("giou", 2.0),
         focal_alpha=alpha,
         focal_gamma=gamma,
+        cls_loss=cfg_loss.get("cls_loss", "focal"),
+        vfl_alpha=cfg_loss.get("vfl_alpha", 0.75),
+        one2many_k=cfg_loss.get("one2many_k", 6),
+        one2many_weight=cfg_loss.get("one2many_weight", 1.0),
     )

@@ -2,12 +2,19 @@
 
 For each decoder layer the predictions are Hungarian-matched to the targets and penalised with
 ``weight_cls * focal + weight_l1 * L1 + weight_giou * (1 - GIoU)``, all normalised by the number of target
-boxes in the (global) batch. Two-stage encoder proposals are matched against class-agnostic targets
+boxes in the (global) batch. ``cls_loss="varifocal"`` replaces the focal term by the IoU-aware varifocal loss
+of RT-DETR (``rtdetr_pytorch/src/zoo/rtdetr/rtdetr_criterion.py``, ``loss_labels_vfl``): a matched query's
+target for its class is the IoU of its box with the ground truth instead of 1.
+
+Two-stage encoder proposals are matched against class-agnostic targets
 (every label 0, as Deformable DETR's ``bin_targets``); denoising groups use their known pairing
-(:func:`kd.models.denoising.dn_targets`) and no matching.
+(:func:`kd.models.denoising.dn_targets`) and no matching. The hybrid-matching group (H-DETR,
+``out.one2many``) is matched against every ground truth repeated ``one2many_k`` times, normalised by
+``k * num_boxes`` and weighted by ``one2many_weight``.
 
 Loss names: ``loss_{cls,bbox,giou}`` (final layer), ``..._{i}`` (auxiliary layer i), ``..._enc``
-(proposals), ``..._dn`` and ``..._dn_{i}`` (denoising, final and auxiliary layers). Values are weighted.
+(proposals), ``..._dn`` and ``..._dn_{i}`` (denoising, final and auxiliary layers), ``..._o2m`` and
+``..._o2m_{i}`` (one-to-many group). Values are weighted.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from kd.models.denoising import dn_targets, dn_valid_mask
 from kd.models.matcher import HungarianMatcher, Indices
 from kd.models.outputs import DecoderOutput, DetectorOutput
+
+CLS_LOSSES = ("focal", "varifocal")
 
 
 def num_boxes_global(targets: list[dict[str, Tensor]], device=None) -> float:
@@ -68,6 +77,38 @@ def loss_labels(
     return loss.sum() / num_boxes
 
 
+def loss_varifocal(
+    logits: Tensor,
+    targets: list[dict[str, Tensor]],
+    indices: Indices,
+    num_boxes: float,
+    iou: Tensor,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Varifocal loss (VarifocalNet; RT-DETR's ``loss_labels_vfl``), summed and divided by ``num_boxes``.
+
+    A matched query's target for its ground-truth class is ``iou`` (detached), every other target is 0;
+    positives are weighted by their target, negatives by ``alpha * sigmoid(logit) ** gamma``, so the score
+    learns to rank well-localised boxes first.
+
+    Args:
+        logits: [B, Q, C]; indices: matching per image; iou: [M] IoU of each matched box with its target,
+            in the order of ``indices``; valid: optional [B, Q] bool mask (denoising padding).
+    """
+    target = torch.zeros_like(logits)
+    batch, src = _src_index(indices, logits.device)
+    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)]).to(logits.device)
+    target[batch, src, labels] = iou.detach().clamp(min=0).to(logits.dtype)
+    prob = logits.sigmoid().detach()
+    weight = alpha * prob.pow(gamma) * (1 - (target > 0).to(logits.dtype)) + target
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+    if valid is not None:
+        loss = loss * valid[..., None].to(loss.dtype)
+    return loss.sum() / num_boxes
+
+
 def loss_boxes(
     boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
 ) -> tuple[Tensor, Tensor]:
@@ -79,16 +120,22 @@ def loss_boxes(
     Returns:
         (l1, giou) scalar tensors.
     """
+    l1, giou, _ = _matched_box_terms(boxes, targets, indices, num_boxes)
+    return l1, giou
+
+
+def _matched_box_terms(
+    boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(L1, 1 - GIoU) as :func:`loss_boxes`, and the matched pairs' IoU [M] (for the varifocal loss)."""
     batch, src = _src_index(indices, boxes.device)
-    src_boxes = boxes[batch, src]
-    tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)]).to(src_boxes)
-    l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum() / num_boxes
-    giou = torch.diag(
-        generalized_box_iou(
-            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
-        )
-    )
-    return l1, (1 - giou).sum() / num_boxes
+    src_boxes = box_convert(boxes[batch, src], "cxcywh", "xyxy")
+    tgt_cxcywh = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)]).to(src_boxes)
+    l1 = F.l1_loss(boxes[batch, src], tgt_cxcywh, reduction="none").sum() / num_boxes
+    tgt_boxes = box_convert(tgt_cxcywh, "cxcywh", "xyxy")
+    giou = torch.diag(generalized_box_iou(src_boxes, tgt_boxes))
+    iou = torch.diag(box_iou(src_boxes, tgt_boxes))
+    return l1, (1 - giou).sum() / num_boxes, iou
 
 
 def total(losses: dict[str, Tensor]) -> Tensor:
@@ -120,8 +167,14 @@ class SetCriterion(nn.Module):
         weight_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        cls_loss: str = "focal",
+        vfl_alpha: float = 0.75,
+        one2many_k: int = 6,
+        one2many_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if cls_loss not in CLS_LOSSES:
+            raise ValueError(f"loss.cls_loss: expected one of {', '.join(CLS_LOSSES)}; got {cls_loss!r}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_cls = weight_cls
@@ -129,6 +182,10 @@ class SetCriterion(nn.Module):
         self.weight_giou = weight_giou
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.cls_loss = cls_loss
+        self.vfl_alpha = vfl_alpha
+        self.one2many_k = int(one2many_k)
+        self.one2many_weight = one2many_weight
         self.last_indices: Indices | None = None
         self.last_layer_indices: list[Indices] | None = None
 
@@ -150,8 +207,13 @@ class SetCriterion(nn.Module):
         Args:
             logits: [B, Q, C]; boxes: [B, Q, 4]; indices: per-image pairing; valid: optional [B, Q] mask.
         """
-        cls = loss_labels(logits, targets, indices, num_boxes, self.focal_alpha, self.focal_gamma, valid)
-        l1, giou = loss_boxes(boxes, targets, indices, num_boxes)
+        l1, giou, iou = _matched_box_terms(boxes, targets, indices, num_boxes)
+        if self.cls_loss == "varifocal":
+            cls = loss_varifocal(
+                logits, targets, indices, num_boxes, iou, self.vfl_alpha, self.focal_gamma, valid
+            )
+        else:
+            cls = loss_labels(logits, targets, indices, num_boxes, self.focal_alpha, self.focal_gamma, valid)
         return {
             "loss_cls": self.weight_cls * cls,
             "loss_bbox": self.weight_l1 * l1,
@@ -176,22 +238,35 @@ class SetCriterion(nn.Module):
             losses.update({f"{k}_enc": v for k, v in terms.items()})
         if out.denoising is not None:
             losses.update(self._dn_losses(out.denoising, out.dn_meta, targets, num_boxes))
+        if out.one2many is not None:
+            losses.update(self._one2many_losses(out.one2many, targets, num_boxes))
         return losses
 
     def _decoder_losses(
-        self, dec: DecoderOutput, targets: list[dict[str, Tensor]], num_boxes: float
+        self, dec: DecoderOutput, targets: list[dict[str, Tensor]], num_boxes: float, name: str = ""
     ) -> dict[str, Tensor]:
+        """Hungarian-matched losses of every layer; ``name`` tags the terms (``loss_cls{name}_{i}``)."""
         losses, all_indices = {}, []
         last = dec.num_layers - 1
         for i in range(dec.num_layers):
             indices = self.matcher(dec.logits[i], dec.boxes[i], targets)
             all_indices.append(indices)
-            suffix = "" if i == last else f"_{i}"
+            suffix = name if i == last else f"{name}_{i}"
             terms = self.layer_losses(dec.logits[i], dec.boxes[i], targets, indices, num_boxes)
             losses.update({k + suffix: v for k, v in terms.items()})
-        self.last_layer_indices = all_indices
-        self.last_indices = all_indices[-1]
+        if not name:
+            self.last_layer_indices = all_indices
+            self.last_indices = all_indices[-1]
         return losses
+
+    def _one2many_losses(
+        self, dec: DecoderOutput, targets: list[dict[str, Tensor]], num_boxes: float
+    ) -> dict[str, Tensor]:
+        """H-DETR's one-to-many loss: each target repeated ``one2many_k`` times, then matched as usual."""
+        k = self.one2many_k
+        repeated = [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+        losses = self._decoder_losses(dec, repeated, num_boxes * k, name="_o2m")
+        return {n: self.one2many_weight * v for n, v in losses.items()}
 
     def _dn_losses(
         self, dn: DecoderOutput, meta: dict | None, targets: list[dict[str, Tensor]], num_boxes: float

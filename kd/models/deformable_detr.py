@@ -9,9 +9,16 @@ groups need queries that are boxes) every query is an anchor box: the official t
 maps its sine embedding to (query_pos, content); denoising queries take their content from a label
 embedding instead. Without two-stage the detection anchors are learned (``refpoint_embed``, as DAB/DN-DETR).
 
-Query groups share one decoder pass: ``[denoising | detection | extra groups...]`` with a self-attention
-mask that isolates every group from the others (the denoising groups may not be seen by the detection
-queries, DN-DETR), so an extra group never changes the detection outputs (cross-attention is per query).
+Query groups share one decoder pass: ``[denoising | detection | one-to-many | extra groups...]`` with a
+self-attention mask that isolates every group from the others (the denoising groups may not be seen by the
+detection queries, DN-DETR), so an extra group never changes the detection outputs (cross-attention is per
+query).
+
+Hybrid matching (H-DETR, Jia et al. CVPR 2023, two-stage variant of ``HDETR/models/deformable_detr.py``):
+with ``one2many_queries = M > 0`` the training forward keeps the top ``Q + M`` encoder proposals; the first
+Q are the detection queries, the next M an isolated one-to-many group (``out.one2many``) that the criterion
+matches against the ground truth repeated k times. More positives per image speed up training; evaluation
+uses the Q one-to-one queries only, so inference is unchanged.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class DeformableDETR(nn.Module):
         box_refine: every decoder layer refines the boxes of the previous one (own heads per layer).
         dn_groups, dn_label_noise, dn_box_noise: DN-DETR denoising groups used in training (0 disables).
         activation: FFN activation, relu | gelu.
+        one2many_queries: M extra proposals decoded in training as H-DETR's one-to-many group (0 disables;
+            needs ``two_stage``).
     """
 
     def __init__(
@@ -85,8 +94,11 @@ class DeformableDETR(nn.Module):
         dn_label_noise: float = 0.5,
         dn_box_noise: float = 0.4,
         activation: str = "relu",
+        one2many_queries: int = 0,
     ):
         super().__init__()
+        if one2many_queries and not two_stage:
+            raise ValueError("deformable_detr: one2many_queries > 0 needs two_stage (H-DETR's two-stage way)")
         if hidden_dim % nheads or hidden_dim % 2:
             raise ValueError(
                 f"deformable_detr: hidden_dim {hidden_dim} must be even and divisible by nheads {nheads}"
@@ -97,6 +109,7 @@ class DeformableDETR(nn.Module):
         self.num_classes = num_classes
         self.num_feature_levels = len(backbone.strides) + extra_levels
         self.two_stage = two_stage
+        self.one2many_queries = one2many_queries
         self.box_refine = box_refine
         self.dn_groups = dn_groups
         self.dn_label_noise = dn_label_noise
@@ -174,7 +187,7 @@ class DeformableDETR(nn.Module):
         keys = (
             "hidden_dim", "nheads", "enc_layers", "dec_layers", "ffn_dim", "dropout", "num_queries",
             "num_classes", "extra_levels", "enc_points", "dec_points", "two_stage", "box_refine", "dn_groups",
-            "dn_label_noise", "dn_box_noise", "activation",
+            "dn_label_noise", "dn_box_noise", "activation", "one2many_queries",
         )  # fmt: skip
         return cls(backbone, **{k: cfg[k] for k in keys if k in cfg})
 
@@ -231,10 +244,13 @@ class DeformableDETR(nn.Module):
         extra = {name: self._query_group(q, b, name) for name, q in (extra_queries or {}).items()}
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks, strict=True)]
         memory, memory_mask, spatial_shapes, ratios = self.transformer.encode(srcs, masks, pos)
-        proposals = None
+        proposals, one2many = None, []
         if self.two_stage:
-            proposals, anchors = self._proposals(memory, memory_mask, spatial_shapes)
-            det = self._box_group(anchors)
+            m = self.one2many_queries if self.training else 0
+            proposals, anchors = self._proposals(memory, memory_mask, spatial_shapes, self.num_queries + m)
+            det = self._box_group(anchors[:, : self.num_queries])
+            if m:
+                one2many = [self._box_group(anchors[:, self.num_queries :])]
         else:
             det = self._query_group(self.native_queries()[None], b)
         dn = None
@@ -245,11 +261,13 @@ class DeformableDETR(nn.Module):
             )  # fmt: skip
         groups = [det] if dn is None else [self._dn_group(dn), det]
         outs = self._decode(
-            [*groups, *extra.values()], memory, memory_mask, spatial_shapes, ratios, dn, return_attention
-        )
+            [*groups, *one2many, *extra.values()], memory, memory_mask, spatial_shapes, ratios, dn,
+            return_attention,
+        )  # fmt: skip
         if dn is not None:
             dn_out, det_out = self._split_dn(outs[0], dn.meta)
             outs = [det_out, *outs[1:]]
+        one2many_out = outs.pop(1) if one2many else None
         return DetectorOutput(
             detection=outs[0],
             memory=memory,
@@ -261,26 +279,33 @@ class DeformableDETR(nn.Module):
             denoising=dn_out if dn is not None else None,
             dn_meta=dn.meta if dn is not None else None,
             proposals=proposals,
+            one2many=one2many_out,
         )
 
     # ------------------------------------------------------------------ queries
 
-    def _proposals(self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor) -> tuple[dict, Tensor]:
-        """Two-stage: score every memory token with the extra heads, keep the top-Q as anchors.
+    def _proposals(
+        self, memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor, k: int
+    ) -> tuple[dict, Tensor]:
+        """Two-stage: score every memory token with the extra heads, keep the top-k as anchors.
 
-        Returns ({"logits" [B, S, C], "boxes" [B, S, 4], "valid" [B, S] bool}, anchors [B, Q, 4] detached
-        unsigmoided). As official, ranking uses class 0 (the criterion trains proposals class-agnostic);
-        padded and out-of-range tokens are never selected.
+        Returns ({"logits" [B, S, C], "boxes" [B, S, 4], "valid" [B, S] bool}, anchors [B, k, 4] detached
+        unsigmoided, best first). As official, ranking uses class 0 (the criterion trains proposals
+        class-agnostic); padded and out-of-range tokens are ranked last.
         """
-        if memory.shape[1] < self.num_queries:
-            raise ValueError(f"deformable_detr: {memory.shape[1]} memory tokens < {self.num_queries} queries")
+        if memory.shape[1] < k:
+            what = "num_queries + one2many_queries" if k > self.num_queries else "num_queries"
+            raise ValueError(
+                f"deformable_detr: {memory.shape[1]} memory tokens < {k} queries ({what}); use larger images "
+                "or fewer queries"
+            )
         base, valid = encoder_proposals(memory_mask, spatial_shapes)
         out_memory = self.transformer.proposal_memory(memory, valid)
         lid = self.transformer.decoder.num_layers
         logits = self.class_embed[lid](out_memory)
         coords = self.bbox_embed[lid](out_memory) + base
         score = logits[..., 0].detach().float().masked_fill(~valid, float("-inf"))
-        idx = score.topk(self.num_queries, dim=1).indices
+        idx = score.topk(k, dim=1).indices
         anchors = coords.gather(1, idx[..., None].expand(-1, -1, 4)).detach()
         return {"logits": logits, "boxes": coords.sigmoid(), "valid": valid}, anchors
 

@@ -43,7 +43,8 @@ class DetectorOutput:
 
     ``detection`` holds the learned detection queries; ``extra`` the isolated query groups that were
     requested (KD-DETR distillation points, DETRDistill teacher queries), decoded by the same decoder
-    without influencing the detection queries; ``denoising`` the DN-DETR groups during training.
+    without influencing the detection queries; ``denoising`` the DN-DETR groups and ``one2many`` the hybrid
+    matching group (Deformable DETR, ``one2many_queries``) during training.
     """
 
     detection: DecoderOutput
@@ -56,6 +57,7 @@ class DetectorOutput:
     denoising: DecoderOutput | None = None
     dn_meta: dict | None = None  # how the denoising queries were built (see kd.models.denoising)
     proposals: dict[str, Tensor] | None = None  # two-stage encoder proposals {"logits", "boxes"}
+    one2many: DecoderOutput | None = None  # H-DETR one-to-many group (training, ``one2many_queries > 0``)
 
     @property
     def logits(self) -> Tensor:
