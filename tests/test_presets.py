@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from kd.config import load_params, model_config, train_config
+from kd.config import load_params, loss_config, model_config, train_config
 from kd.data.transforms import COCO_TRANSFORMS
 from kd.models import build_criterion, build_model
 from kd.presets import NOTE, apply_presets, hydra_value, main, merge_presets, read_preset, set_params_args
@@ -118,6 +118,16 @@ def test_detector_preset_distills(name, method):
 def test_dab_preset_uses_the_official_class_weight():
     assert merged("dab_detr")["loss"]["cls"] == 1.0  # methods.md §1
     assert merged("conditional_detr")["loss"]["cls"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("preset", "cls"), [("conditional_detr", 2.0), ("dab_detr", 1.0), ("strong_teacher", 2.0), ("coco", 2.0)]
+)
+def test_presets_keep_the_official_focal_loss_for_the_teacher(preset, cls):
+    """params.yaml's embedded teacher trains with varifocal; the presets' teachers with their own loss."""
+    for role in ("teacher", "student"):
+        loss = loss_config(merged(preset), role)
+        assert (loss.get("cls_loss", "focal"), loss["cls"]) == ("focal", cls), role
 
 
 # --- the COCO preset -------------------------------------------------------------------------------------
