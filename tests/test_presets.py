@@ -190,7 +190,8 @@ def test_apply_changes_only_the_preset_lines(params_copy):
     apply_presets([ROOT / "presets" / "dab_detr.yaml"], params_copy)
     old, new = PARAMS.read_text().splitlines(), params_copy.read_text().splitlines()[1:]
     changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
-    expected = ["arch: dab_detr", "strides: [16]", "cls: 1.0", "strides: [16]"]  # the last one: teacher.model
+    # the last two: teacher.model and teacher.loss (its cls is already 1.0 in params.yaml)
+    expected = ["arch: dab_detr", "strides: [16]", "cls: 1.0", "strides: [16]", "cls_loss: focal"]
     assert [b.split("#")[0].strip() for _, b in changed] == expected
 
 
@@ -289,7 +290,7 @@ def test_dvc_written_small_float_reads_back_as_a_number(params_copy):
 def test_show_lists_only_changes_and_marks_new_keys():
     args = set_params_args(load_params(PARAMS), [read_preset(ROOT / "presets" / "dab_detr.yaml")])
     assert args == ["-S", "model.arch=dab_detr", "-S", "model.strides=[16]", "-S", "loss.cls=1.0",
-                    "-S", "teacher.model.strides=[16]"]  # fmt: skip
+                    "-S", "teacher.model.strides=[16]", "-S", "teacher.loss.cls_loss=focal"]  # fmt: skip
     coco = set_params_args(load_params(PARAMS), [read_preset(ROOT / "presets" / "coco.yaml")])
     assert (
         "++model.extra_levels=1" in coco and "model.extra_levels=1" not in coco
