@@ -113,12 +113,13 @@ def run(
         loss_factory = distill_factory(params)  # None unless distill.method is set
     loss_fn = loss_factory(model, criterion) if loss_factory else criterion_loss(criterion)
     extra = loss_fn if isinstance(loss_fn, nn.Module) else None
+    # before the DDP wrap: lr_backbone == 0 freezes the backbone here, and DDP must not expect its gradients
+    optimizer = build_optimizer(model, cfg, extra)
     if info.world_size > 1:
         ids = [info.local_rank] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
         )
-    optimizer = build_optimizer(model, cfg, extra)
     iters = len(train_loader) if max_iters is None else min(len(train_loader), max_iters)
     scheduler = build_scheduler(optimizer, cfg, iters)
     return fit(

@@ -164,3 +164,28 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_data):
         json.loads((straight / "metrics.json").read_text())["val"]
         == json.loads((killed / "metrics.json").read_text())["val"]
     )
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_a_frozen_backbone(tmp_path, tiny_data):
+    """``torchrun --nproc_per_node=2 -m kd.train`` on the CPU (gloo) with the backbone frozen by
+    ``lr_backbone: 0``, as the default params.yaml trains: DDP must be built after the freeze (it failed with
+    "Expected to have finished reduction" when the backbone was frozen after the wrap)."""
+    import os
+
+    out = tmp_path / "ddp"
+    sets = [*TINY, f"data.root={tiny_data}", "student.train.lr_backbone=0", "student.model.dec_layers=2"]
+    args = ["--role", "student", "--params", str(PARAMS), "--out", str(out), "--max-iters", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*torchrun, "-m", "kd.train", *args, *[a for kv in sets for a in ("--set", kv)]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 2) and len(ckpt["rng"]["ranks"]) == 2
