@@ -13,6 +13,8 @@ A checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``)::
     metrics    dict of metrics at save time
     extra      state dict of trainable modules outside the model (e.g. distiller adapters), or None
     ema        state dict of the weights' moving average (kd.ema.ModelEMA), or None
+    run        the settings that decide the training trajectory (kd.train.run_settings; {} when unknown):
+               a resume with other settings is refused, or restarts from scratch on request
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CHECKPOINT_KEYS = (
     "metrics",
     "extra",
     "ema",
+    "run",
 )
 
 
@@ -89,9 +92,11 @@ def make_checkpoint(
     extra: nn.Module | None = None,
     ema: nn.Module | None = None,
     rng: dict | None = None,
+    run: dict | None = None,
 ) -> dict:
     """Assemble the checkpoint dict (see the module docstring); RNG states are captured now unless given
-    (under DDP ``rng["ranks"]`` lists every rank's state)."""
+    (under DDP ``rng["ranks"]`` lists every rank's state). ``run``: the settings that decide the training
+    trajectory (:func:`kd.train.run_settings`), compared before a resume."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -104,6 +109,7 @@ def make_checkpoint(
         "metrics": dict(metrics or {}),
         "extra": extra.state_dict() if extra is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
+        "run": dict(run or {}),
     }
 
 

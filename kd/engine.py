@@ -334,6 +334,8 @@ def fit(
     extra: nn.Module | None = None,
     max_iters: int | None = None,
     resume: bool = True,
+    run_settings: dict | None = None,
+    on_change: str = "error",
 ) -> dict:
     """Train for ``cfg.epochs`` epochs, evaluating every ``cfg.eval_every`` epochs (and after the last).
 
@@ -343,6 +345,12 @@ def fit(
     warm-up / lr_drop settings), scaler and RNG states come from the checkpoint, so only ``epochs`` may be
     raised for a resumed run. ``extra``: trainable modules outside the model (already in ``optimizer``)
     whose state is checkpointed too. Returns the summary dict.
+
+    ``run_settings`` (JSON-like, :func:`kd.train.run_settings`) is stored in every checkpoint; a
+    ``last.pt`` written with other settings (or none) is not resumed silently: ``on_change="error"`` raises
+    ValueError naming the file and the first differing settings, ``"restart"`` (what the DVC stages use: a
+    changed parameter must retrain, not resume the stale run) deletes the stale run's files and trains from
+    scratch. ``None`` skips the check.
 
     With ``cfg.ema_decay`` > 0 an exponential moving average of the weights (:class:`kd.ema.ModelEMA`) is
     kept alongside: it is what gets evaluated and what ``best.pt`` holds as its ``model`` (the raw weights
@@ -357,6 +365,10 @@ def fit(
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, step, state = 0, 0, {"train": {}, "val": {}, "best": {}}
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema_decay > 0 else None
+    if on_change not in ("error", "restart"):
+        raise ValueError(f"fit: on_change must be 'error' or 'restart', got {on_change!r}")
+    if resume and last.is_file() and run_settings is not None:
+        resume = _check_resume(last, run_settings, on_change)
     if resume and last.is_file():
         ckpt = load_checkpoint(last)
         load_model_state(model, ckpt["model"], last)
@@ -419,6 +431,7 @@ def fit(
                 extra=extra,
                 ema=ema,
                 rng=rng,
+                run=run_settings,
             )
             if state["best"].get("epoch") == epoch and ema is not None:
                 best = out_dir / "best.pt"
@@ -435,6 +448,49 @@ def fit(
         write_json_atomic(out_dir / "metrics.json", summary)
     D.barrier()
     return summary
+
+
+def _check_resume(last: Path, run_settings: dict, on_change: str) -> bool:
+    """Whether ``last`` may be resumed under ``run_settings``; on a mismatch raise (``"error"``) or delete
+    the stale run's files and return False (``"restart"``)."""
+    stored = load_checkpoint(last).get("run") or {}
+    changed = settings_diff(stored, run_settings)
+    if not changed:
+        return True
+    what = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    if not stored:
+        what = "it records none: written by an older kd"
+    if on_change == "error":
+        raise ValueError(
+            f"{last}: written by a run with other settings ({what}); train from scratch with --restart "
+            "(deletes that run) or choose another --out"
+        )
+    D.barrier()  # every rank has read ``last`` before rank 0 deletes it
+    if D.is_main_process():
+        log.warning("%s: written by a run with other settings (%s): training from scratch", last, what)
+        out_dir = last.parent
+        for stale in (last, out_dir / "best.pt", out_dir / "metrics.json", *out_dir.glob("plots/*.tsv")):
+            stale.unlink(missing_ok=True)
+    D.barrier()
+    return False
+
+
+def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every leaf that differs between two nested dicts (dotted keys, sorted)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:

@@ -5,13 +5,18 @@
     torchrun --nproc_per_node=2 -m kd.train --role student --out models/student   # DDP, unchanged
 
 Writes ``<out>/last.pt``, ``best.pt``, ``metrics.json`` and ``plots/{train,val}.tsv`` and resumes from
-``<out>/last.pt`` when present. Notebooks call :func:`run`, the same function the command line calls. Bad
-input prints ``error: <one line>`` and exits with status 2 (bad params, nothing written) or 1.
+``<out>/last.pt`` when present and written with the same :func:`run_settings` (other settings: an error, or
+with ``--restart`` that run is deleted and training starts from scratch). Notebooks call :func:`run`, the
+same function the command line calls. Bad input prints ``error: <one line>`` and exits with status 2 (bad
+params, nothing written) or 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -55,6 +60,7 @@ def run(
     metrics_path: str | Path | None = None,
     device: str | None = None,
     loss_factory: LossFactory | None = None,
+    on_change: str = "error",
 ) -> dict:
     """Train ``role`` (teacher | student) as ``params`` describes, or only evaluate a checkpoint.
 
@@ -66,6 +72,9 @@ def run(
         loss_factory: ``(model, criterion) -> loss_fn`` replacing the plain detection loss; a loss_fn that
             is an ``nn.Module`` has its trainable parameters optimised and checkpointed. Default for the
             student: ``distill.method`` of ``params`` (:mod:`kd.distill.build`), the plain loss when none.
+        on_change: what a ``<out_dir>/last.pt`` written with other :func:`run_settings` does: "error"
+            (refuse, the command line's default) or "restart" (delete that run and train from scratch: the
+            notebooks, so that ``dvc repro`` after a parameter change retrains instead of resuming).
 
     Returns the metrics summary (training) or the evaluation metrics.
     """
@@ -135,7 +144,41 @@ def run(
         model_config=mcfg,
         extra=extra,
         max_iters=max_iters,
+        run_settings=run_settings(params, role),
+        on_change=on_change,
     )
+
+
+RESUMABLE_KEYS = ("epochs", "eval_every", "log_every", "num_workers", "find_unused_parameters")
+
+
+def run_settings(params: dict, role: str) -> dict:
+    """What decides ``role``'s training trajectory, as stored in its checkpoints: the model, loss and data
+    settings, the train settings except those a resumed run may change (:data:`RESUMABLE_KEYS`, e.g. more
+    ``epochs``) and, for a distilled student, the method's settings, the teacher's model config and the
+    SHA-256 of the teacher checkpoint. JSON-like (plain containers and scalars)."""
+    train = dataclasses.asdict(train_config(params, role))
+    train = {k: v for k, v in train.items() if k not in RESUMABLE_KEYS}
+    settings = {
+        "role": role,
+        "model": model_config(params, role),
+        "loss": loss_config(params, role),
+        "train": train,
+        "data": params.get("data") or {},
+    }
+    method = ((params.get("distill") or {}).get("method") or "none") if role == "student" else "none"
+    if method != "none":
+        from kd.distill.build import distiller_config
+
+        teacher_ckpt = Path(params["distill"]["teacher_checkpoint"])
+        digest = hashlib.sha256(teacher_ckpt.read_bytes()).hexdigest() if teacher_ckpt.is_file() else None
+        settings["distill"] = {
+            "method": method,
+            "config": dataclasses.asdict(distiller_config(params, method)),
+            "teacher_model": model_config(params, "teacher"),
+            "teacher_sha256": digest,
+        }
+    return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as a reloaded checkpoint has them
 
 
 def _default_checkpoint(out_dir: Path) -> Path:
@@ -215,6 +258,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--metrics", default=None, help="with --eval-only: metrics JSON path (default: <out>/eval.json)"
     )
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="if <out>/last.pt was trained with other settings, delete that run and train from scratch "
+        "(default: refuse)",
+    )
     args = p.parse_args(argv)
     if args.max_iters is not None and args.max_iters < 1:
         p.error(f"--max-iters must be >= 1; got {args.max_iters}")
@@ -243,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             metrics_path=args.metrics,
             device=args.device,
+            on_change="restart" if args.restart else "error",
         )
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

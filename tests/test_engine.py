@@ -20,6 +20,7 @@ from kd.engine import (
     evaluate,
     fit,
     seed_everything,
+    settings_diff,
     train_one_epoch,
     upsert_tsv,
 )
@@ -287,3 +288,15 @@ def test_evaluate_with_coco_evaluator():
         TinyDetector(), loader, PostProcess(10), CocoEvaluator(coco_gt(data), [1, 2, 3]), device=CPU
     )
     assert random["AP"] < 50
+
+
+def test_settings_diff_names_every_changed_leaf():
+    old = {"model": {"width": 64, "strides": [16, 32]}, "train": {"lr": 5e-4}, "gone": 1}
+    new = {"model": {"width": 64, "strides": [8, 16, 32]}, "train": {"lr": 1e-3}, "added": True}
+    assert settings_diff(old, new) == [
+        "added: <unset> -> True",
+        "gone: 1 -> <unset>",
+        "model.strides: [16, 32] -> [8, 16, 32]",
+        "train.lr: 0.0005 -> 0.001",
+    ]
+    assert settings_diff(new, new) == [] and settings_diff({}, {}) == []

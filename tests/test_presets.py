@@ -130,6 +130,13 @@ def test_presets_keep_the_official_focal_loss_for_the_teacher(preset, cls):
         assert (loss.get("cls_loss", "focal"), loss["cls"]) == ("focal", cls), role
 
 
+@pytest.mark.parametrize("preset", ["conditional_detr", "dab_detr", "coco"])
+def test_presets_with_learned_query_teachers_keep_the_official_qpad(preset):
+    """params.yaml drops QPAD's class term for its two-stage teacher; the official weight elsewhere."""
+    assert load_params(PARAMS)["distill"]["detrdistill"]["qpad_weight_cls"] == 0.0
+    assert merged(preset)["distill"]["detrdistill"]["qpad_weight_cls"] == 2.0
+
+
 # --- the COCO preset -------------------------------------------------------------------------------------
 
 
@@ -290,7 +297,8 @@ def test_dvc_written_small_float_reads_back_as_a_number(params_copy):
 def test_show_lists_only_changes_and_marks_new_keys():
     args = set_params_args(load_params(PARAMS), [read_preset(ROOT / "presets" / "dab_detr.yaml")])
     assert args == ["-S", "model.arch=dab_detr", "-S", "model.strides=[16]", "-S", "loss.cls=1.0",
-                    "-S", "teacher.model.strides=[16]", "-S", "teacher.loss.cls_loss=focal"]  # fmt: skip
+                    "-S", "teacher.model.strides=[16]", "-S", "teacher.loss.cls_loss=focal",
+                    "-S", "distill.detrdistill.qpad_weight_cls=2.0"]  # fmt: skip
     coco = set_params_args(load_params(PARAMS), [read_preset(ROOT / "presets" / "coco.yaml")])
     assert (
         "++model.extra_levels=1" in coco and "model.extra_levels=1" not in coco

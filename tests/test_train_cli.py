@@ -189,3 +189,28 @@ def test_torchrun_two_processes_with_a_frozen_backbone(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = load_checkpoint(out / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (0, 2) and len(ckpt["rng"]["ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_changed_settings_refuse_the_resume_or_restart(tmp_path, tiny_data, capsys):
+    """A last.pt trained with other settings is not resumed silently (DVC keeps the persisted run directory
+    when a parameter changes): the command refuses, naming the setting; --restart trains from scratch."""
+    out = tmp_path / "student"
+    sets = [a for kv in [*TINY, f"data.root={tiny_data}"] for a in ("--set", kv)]
+    base = ["--role", "student", "--params", str(PARAMS), "--out", str(out), "--max-iters", "1", *sets]
+    assert main(base) == 0
+    first = load_checkpoint(out / "last.pt")
+    assert first["run"]["train"]["lr"] == pytest.approx(5e-4) and "epochs" not in first["run"]["train"]
+    capsys.readouterr()
+    changed = [*base, "--set", "student.train.lr=1e-3"]
+    assert main(changed) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out / 'last.pt'}: written by a run with other settings")
+    assert "train.lr: 0.0005 -> 0.001" in err and "--restart" in err and "\n" not in err
+    assert torch.equal(load_checkpoint(out / "last.pt")["model"]["class_embed.weight"],
+                       first["model"]["class_embed.weight"])  # fmt: skip
+    assert main([*changed, "--restart"]) == 0  # from scratch: one epoch, the new lr stored
+    second = load_checkpoint(out / "last.pt")
+    assert (second["epoch"], second["step"]) == (0, 1) and second["run"]["train"]["lr"] == pytest.approx(1e-3)
+    assert main([*changed, "--set", "student.train.epochs=2"]) == 0  # more epochs: a plain resume
+    assert (load_checkpoint(out / "last.pt")["epoch"], load_checkpoint(out / "last.pt")["step"]) == (1, 2)
