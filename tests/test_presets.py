@@ -197,8 +197,9 @@ def test_apply_changes_only_the_preset_lines(params_copy):
     apply_presets([ROOT / "presets" / "dab_detr.yaml"], params_copy)
     old, new = PARAMS.read_text().splitlines(), params_copy.read_text().splitlines()[1:]
     changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
-    # the last two: teacher.model and teacher.loss (its cls is already 1.0 in params.yaml)
-    expected = ["arch: dab_detr", "strides: [16]", "cls: 1.0", "strides: [16]", "cls_loss: focal"]
+    # teacher.model and teacher.loss (its cls is already 1.0 in params.yaml), then the official QPAD weight
+    expected = ["arch: dab_detr", "strides: [16]", "cls: 1.0", "strides: [16]", "cls_loss: focal",
+                "qpad_weight_cls: 2.0"]  # fmt: skip
     assert [b.split("#")[0].strip() for _, b in changed] == expected
 
 
