@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from kd.config import load_params, loss_config, model_config  # noqa: E402
+from kd.config import load_params, loss_config, model_config, train_config  # noqa: E402
 from kd.data.coco import build_dataset, collate_fn  # noqa: E402
 from kd.distill.build import loss_factory  # noqa: E402
+from kd.engine import build_optimizer  # noqa: E402
 from kd.models import build_criterion, build_model  # noqa: E402
 
 DETECTION = re.compile(r"^loss_(cls|bbox|giou)(_enc|_dn)?(_\d+)?$")  # the criterion's own terms
@@ -37,19 +38,19 @@ def term(name: str) -> str:
     return re.sub(r"_\d+$", "", name)
 
 
-def method_gradients(params: dict, method: str, checkpoint: Path, batches: int) -> dict[str, float]:
-    """Mean gradient norm per term (and ``cos_<term>``: cosine with the detection gradient) over batches."""
-    params = load_params_with(params, method)
+def method_gradients(params: dict, checkpoint: Path, batches: int) -> dict[str, float]:
+    """Mean gradient norm per term (and ``cos_<term>``: cosine with the detection gradient) over batches,
+    for ``params``' ``distill.method``."""
     mcfg = model_config(params, "student")
     torch.manual_seed(0)
     student = build_model(mcfg).train()
     load_model_state(student, load_checkpoint(checkpoint)["model"], checkpoint)
-    for name, p in student.named_parameters():
-        p.requires_grad_(not name.startswith("backbone."))  # lr_backbone 0: the backbone is frozen
     loss_fn = loss_factory(params)(
         student, build_criterion(loss_config(params, "student"), mcfg["num_classes"])
     )
-    trainable = [p for p in [*student.parameters(), *loss_fn.parameters()] if p.requires_grad]
+    # what training optimises: the student (backbone frozen at lr_backbone 0) and the distiller's adapters
+    optimizer = build_optimizer(student, train_config(params, "student"), loss_fn)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     data = params["data"]
     dataset = build_dataset(data["root"], "train", data["transforms"], train=True, preset=data["name"])
     loader = torch.utils.data.DataLoader(
@@ -77,10 +78,6 @@ def method_gradients(params: dict, method: str, checkpoint: Path, batches: int) 
     return sums
 
 
-def load_params_with(params: dict, method: str) -> dict:
-    return {**params, "distill": {**params["distill"], "method": method}}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", default="params.yaml")
@@ -91,10 +88,10 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    params = load_params(args.params, args.overrides)
     result = {}
     for method in args.methods:
-        sums = method_gradients(params, method, Path(args.checkpoint), args.batches)
+        params = load_params(args.params, [*args.overrides, f"distill.method={method}"])
+        sums = method_gradients(params, Path(args.checkpoint), args.batches)
         result[method] = {k: round(v, 3) for k, v in sums.items()}
         print(f"{method}: detection gradient norm {sums['detection']:.2f}", flush=True)
         for name in sorted(k for k in sums if k != "detection" and not k.startswith("cos_")):

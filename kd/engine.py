@@ -367,10 +367,10 @@ def fit(
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema_decay > 0 else None
     if on_change not in ("error", "restart"):
         raise ValueError(f"fit: on_change must be 'error' or 'restart', got {on_change!r}")
-    if resume and last.is_file() and run_settings is not None:
-        resume = _check_resume(last, run_settings, on_change)
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last)
+    ckpt = load_checkpoint(last) if resume and last.is_file() else None
+    if ckpt is not None and run_settings is not None and not _same_run(last, ckpt, run_settings, on_change):
+        ckpt = None
+    if ckpt is not None:
         load_model_state(model, ckpt["model"], last)
         if ema is not None:
             if ckpt.get("ema") is not None:
@@ -450,10 +450,10 @@ def fit(
     return summary
 
 
-def _check_resume(last: Path, run_settings: dict, on_change: str) -> bool:
-    """Whether ``last`` may be resumed under ``run_settings``; on a mismatch raise (``"error"``) or delete
-    the stale run's files and return False (``"restart"``)."""
-    stored = load_checkpoint(last).get("run") or {}
+def _same_run(last: Path, ckpt: dict, run_settings: dict, on_change: str) -> bool:
+    """Whether ``ckpt`` (loaded from ``last``) may be resumed under ``run_settings``; on a mismatch raise
+    (``"error"``) or delete the stale run's files and return False (``"restart"``)."""
+    stored = ckpt.get("run") or {}
     changed = settings_diff(stored, run_settings)
     if not changed:
         return True
