@@ -24,6 +24,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # kd.models.backb
 BACKBONE_NORMS = ("auto", "frozen_bn", "bn", "gn")
 DISTILL_METHODS = ("none", "qskd", "kd_detr", "detrdistill")
 AMP_MODES = ("none", "bf16", "fp16")
+LR_SCHEDULES = ("step", "cosine")
 
 LOSS_KEYS = (
     "cls",
@@ -79,7 +80,9 @@ class TrainConfig:
     """Training settings of one role (``teacher.train`` / ``student.train``), defaults filled in.
 
     ``batch_size`` is the global batch (split over the processes under torchrun). ``lr_drop`` is the epoch
-    at which every learning rate is multiplied by ``lr_drop_gamma`` (``None``: never). ``clip_max_norm``
+    at which every learning rate is multiplied by ``lr_drop_gamma`` (``None``: never) under ``lr_schedule:
+    step``; ``lr_schedule: cosine`` decays every learning rate along a half cosine to ``lr_min_ratio`` of it
+    at the end of ``epochs`` instead (``lr_drop`` must then be null). ``clip_max_norm``
     of 0 disables gradient clipping. ``amp``: none | bf16 | fp16 (fp16 uses a GradScaler).
     """
 
@@ -90,6 +93,8 @@ class TrainConfig:
     weight_decay: float = 1.0e-4
     lr_drop: int | None = None
     lr_drop_gamma: float = 0.1
+    lr_schedule: str = "step"  # step (lr_drop) | cosine (to lr_min_ratio at the end of epochs)
+    lr_min_ratio: float = 0.01
     warmup_iters: int = 0
     clip_max_norm: float = 0.0
     lr_linear_proj_mult: float = 0.1  # Deformable DETR sampling_offsets / reference_points
@@ -327,6 +332,10 @@ def _check_train(cfg: TrainConfig, where: str) -> None:
     for key in ("weight_decay", "clip_max_norm", "lr_drop_gamma", "lr_linear_proj_mult"):
         _check_number(getattr(cfg, key), f"{where}.{key}", minimum=0.0)
     _check_choice(cfg.amp, f"{where}.amp", AMP_MODES)
+    _check_choice(cfg.lr_schedule, f"{where}.lr_schedule", LR_SCHEDULES)
+    _check_number(cfg.lr_min_ratio, f"{where}.lr_min_ratio", minimum=0.0, maximum=1.0)
+    if cfg.lr_schedule == "cosine" and cfg.lr_drop is not None:
+        raise ValueError(f"{where}.lr_drop: must be null with lr_schedule cosine; got {cfg.lr_drop!r}")
     _check_number(cfg.ema_decay, f"{where}.ema_decay", minimum=0.0, maximum=0.99999)  # 0: off
     _check_number(cfg.ema_tau, f"{where}.ema_tau", minimum=0.0)
     if not isinstance(cfg.find_unused_parameters, bool):

@@ -160,10 +160,31 @@ class WarmupStepSchedule:
         return warm * drop
 
 
+class WarmupCosineSchedule:
+    """lr factor at optimizer step ``s``: linear warm-up over ``warmup_iters`` steps, then a half cosine from
+    1 down to ``min_ratio`` at ``total_steps`` (the end of training), ``min_ratio`` after it."""
+
+    def __init__(self, warmup_iters: int, total_steps: int, min_ratio: float) -> None:
+        self.warmup_iters = warmup_iters
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_iters > 0 and step < self.warmup_iters:
+            return (step + 1) / self.warmup_iters
+        span = max(1, self.total_steps - self.warmup_iters)
+        t = min(1.0, (step - self.warmup_iters) / span)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, iters_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LambdaLR implementing :class:`WarmupStepSchedule` (resumable via its state dict)."""
+    """A per-iteration LambdaLR (resumable via its state dict): :class:`WarmupStepSchedule` for
+    ``lr_schedule: step``, :class:`WarmupCosineSchedule` over ``epochs`` for ``lr_schedule: cosine``."""
+    if cfg.lr_schedule == "cosine":
+        rule = WarmupCosineSchedule(cfg.warmup_iters, cfg.epochs * iters_per_epoch, cfg.lr_min_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, rule)
     drop_step = None if cfg.lr_drop is None else cfg.lr_drop * iters_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupStepSchedule(cfg.warmup_iters, drop_step, cfg.lr_drop_gamma)

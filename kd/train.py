@@ -155,10 +155,15 @@ RESUMABLE_KEYS = ("epochs", "eval_every", "log_every", "num_workers", "find_unus
 def run_settings(params: dict, role: str) -> dict:
     """What decides ``role``'s training trajectory, as stored in its checkpoints: the model, loss and data
     settings, the train settings except those a resumed run may change (:data:`RESUMABLE_KEYS`, e.g. more
-    ``epochs``) and, for a distilled student, the method's settings, the teacher's model config and the
-    SHA-256 of the teacher checkpoint. JSON-like (plain containers and scalars)."""
+    ``epochs``; not under a cosine schedule, which ``epochs`` shapes) and, for a distilled student, the
+    method's settings, the teacher's model config and the SHA-256 of the teacher checkpoint. JSON-like
+    (plain containers and scalars)."""
     train = dataclasses.asdict(train_config(params, role))
-    train = {k: v for k, v in train.items() if k not in RESUMABLE_KEYS}
+    if train["lr_schedule"] == "step":  # the default: a checkpoint from before these keys still matches
+        ignored = (*RESUMABLE_KEYS, "lr_schedule", "lr_min_ratio")
+    else:  # the cosine's length is epochs
+        ignored = tuple(k for k in RESUMABLE_KEYS if k != "epochs")
+    train = {k: v for k, v in train.items() if k not in ignored}
     settings = {
         "role": role,
         "model": model_config(params, role),

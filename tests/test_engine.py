@@ -141,6 +141,23 @@ class TestOptimizer:
         sched2.load_state_dict(sched.state_dict())
         assert sched2.last_epoch == 12 and sched2.get_last_lr() == sched.get_last_lr()
 
+    def test_cosine_warms_up_then_decays_to_the_floor_at_the_last_step(self):
+        model = TinyDetector()
+        cfg = make_cfg(epochs=3, lr_drop=None, warmup_iters=2, lr_schedule="cosine", lr_min_ratio=0.1)
+        opt = build_optimizer(model, cfg)
+        sched = build_scheduler(opt, cfg, iters_per_epoch=6)  # 18 steps: 2 warm-up, a 16-step cosine
+        lrs = []
+        for _ in range(20):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert lrs[:3] == pytest.approx([5e-3, 1e-2, 1e-2])
+        assert lrs[10] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))  # half way through the cosine
+        assert lrs[18] == pytest.approx(1e-3) and lrs[19] == pytest.approx(1e-3)  # floor, and it stays
+        assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+        backbone = [g for g in opt.param_groups if g["name"] == "backbone"][0]
+        assert backbone["lr"] == pytest.approx(1e-3 * 0.1)  # every group follows the same factor
+
 
 def test_epoch_sampler_depends_on_seed_and_epoch_only():
     s = EpochSampler(10, seed=3)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kd.checkpoint import load_checkpoint
-from kd.train import main
+from kd.config import load_params
+from kd.train import main, run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -214,3 +215,15 @@ def test_changed_settings_refuse_the_resume_or_restart(tmp_path, tiny_data, caps
     assert (second["epoch"], second["step"]) == (0, 1) and second["run"]["train"]["lr"] == pytest.approx(1e-3)
     assert main([*changed, "--set", "student.train.epochs=2"]) == 0  # more epochs: a plain resume
     assert (load_checkpoint(out / "last.pt")["epoch"], load_checkpoint(out / "last.pt")["step"]) == (1, 2)
+
+
+def test_run_settings_keep_epochs_only_under_a_cosine_schedule():
+    """More epochs resume a step-schedule run; a cosine's length is its epochs, so they are part of the run
+    (and the schedule keys stay out of step runs, so checkpoints from before them still match)."""
+    step = run_settings(load_params(PARAMS), "teacher")["train"]
+    assert "epochs" not in step and "lr_schedule" not in step and "lr_min_ratio" not in step
+    cosine = ["teacher.train.lr_schedule=cosine", "teacher.train.lr_drop=null"]
+    train = run_settings(load_params(PARAMS, cosine), "teacher")["train"]
+    assert train["lr_schedule"] == "cosine"
+    assert train["epochs"] == load_params(PARAMS)["teacher"]["train"]["epochs"]
+    assert "eval_every" not in train
