@@ -67,6 +67,8 @@ MODEL_KEYS = (
     "dn_box_noise",
     "extra_levels",  # Deformable DETR: extra stride-2 levels on top of the backbone's last
     "one2many_queries",  # Deformable DETR, two-stage: H-DETR's one-to-many group in training
+    "look_forward_twice",  # Deformable DETR, box refinement: DINO's look forward twice
+    "mixed_query_selection",  # Deformable DETR, two-stage: DINO's mixed query selection (learned content)
     "activation",
     "num_patterns",  # DAB-DETR
     "random_refpoints_xy",

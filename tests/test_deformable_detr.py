@@ -24,6 +24,13 @@ OPTIONS = {
     "dn": {"dn_groups": 2},
     "two_stage_refine_dn": {"two_stage": True, "box_refine": True, "dn_groups": 3},
     "extra_level": {"extra_levels": 1, "box_refine": True},
+    "dino": {
+        "two_stage": True,
+        "box_refine": True,
+        "dn_groups": 3,
+        "look_forward_twice": True,
+        "mixed_query_selection": True,
+    },
 }
 
 
@@ -183,6 +190,56 @@ def test_one2many_group_is_isolated_and_training_only():
 def test_one2many_needs_two_stage():
     with pytest.raises(ValueError, match="one2many_queries > 0 needs two_stage"):
         DeformableDETR(Backbone("resnet18", (32,)), hidden_dim=D, nheads=2, num_queries=Q, one2many_queries=4)
+
+
+@pytest.mark.parametrize(
+    "options", [{"box_refine": True}, {"two_stage": True, "box_refine": True, "dn_groups": 2}]
+)
+def test_look_forward_twice_changes_gradients_not_outputs(options):
+    """DINO: same boxes; the last layer's box loss reaches the previous layer's box head only with it on."""
+    images, mask, targets = _batch()
+    base = _model(**options).train()
+    lft = copy.deepcopy(base)
+    lft.look_forward_twice = True
+    boxes, grads = [], []
+    for model in (base, lft):
+        torch.manual_seed(5)  # same denoising noise
+        out = model(images, mask, targets)
+        boxes.append(out.detection.boxes.detach())
+        last_box = out.detection.boxes[-1].sum()
+        grads.append(torch.autograd.grad(last_box, model.bbox_embed[L - 2].layers[-1].bias)[0])
+    assert_close(boxes[1], boxes[0])
+    assert grads[0].abs().max() == 0  # the reference entering the last layer is detached
+    assert grads[1].abs().max() > 0
+
+
+def test_mixed_query_selection_learns_content_keeps_anchors():
+    """DINO: the proposals' anchors stay the queries; the content embedding is ``tgt_embed`` and trains."""
+    model = _model(two_stage=True, box_refine=True, mixed_query_selection=True).train()
+    plain = _model(two_stage=True, box_refine=True).train()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "tgt_embed.weight"})
+    images, mask, targets = _batch()
+    out, ref = model(images, mask, targets), plain(images, mask, targets)
+    assert_close(out.detection.queries, ref.detection.queries)  # same encoder, same top-k anchors
+    assert not torch.allclose(out.detection.logits, ref.detection.logits)
+    out.detection.logits.sum().backward()
+    assert model.tgt_embed.weight.grad[:Q].abs().sum() > 0
+    hybrid = copy.deepcopy(model)
+    hybrid.one2many_queries = 4
+    hybrid.tgt_embed = torch.nn.Embedding(Q + 4, D)
+    assert hybrid(images, mask, targets).one2many.logits.shape == (L, B, 4, C)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"look_forward_twice": True}, "look_forward_twice needs box_refine"),
+        ({"mixed_query_selection": True, "box_refine": True}, "mixed_query_selection needs two_stage"),
+    ],
+)
+def test_dino_options_need_their_base(options, message):
+    with pytest.raises(ValueError, match=message):
+        DeformableDETR(Backbone("resnet18", (32,)), hidden_dim=D, nheads=2, num_queries=Q, **options)
 
 
 @pytest.mark.parametrize("name", ["plain", "dn"])

@@ -19,6 +19,14 @@ with ``one2many_queries = M > 0`` the training forward keeps the top ``Q + M`` e
 Q are the detection queries, the next M an isolated one-to-many group (``out.one2many``) that the criterion
 matches against the ground truth repeated k times. More positives per image speed up training; evaluation
 uses the Q one-to-one queries only, so inference is unchanged.
+
+Two of DINO's convergence aids (Zhang et al., ICLR 2023, IDEA-Research/DINO ``deformable_transformer.py``),
+both off by default. *Look forward twice* (``look_forward_twice``, needs ``box_refine``): layer l's box is
+predicted from layer l-1's refined box *before* it is detached, so layer l's box loss also trains layer
+l-1 (the reference that enters layer l is still detached; forward values are unchanged). *Mixed query
+selection* (``mixed_query_selection``, needs ``two_stage``): the top-k proposals give the detection queries
+their anchors and positional embeddings, while their content embeddings are learned (static) instead of
+projected from the proposal boxes.
 """
 
 from __future__ import annotations
@@ -38,6 +46,15 @@ from kd.models.denoising import DNQueries, build_dn_queries, split_dn
 from kd.models.outputs import DecoderOutput, DetectorOutput
 from kd.models.position_encoding import PositionEmbeddingSine
 from kd.models.transformer_layers import MLP
+
+
+def _refine(delta: Tensor, reference: Tensor) -> Tensor:
+    """Unsigmoided box [B, N, 4]: a head's delta [B, N, 4] added to a sigmoided reference [B, N, 2|4]
+    (a 2-d reference point moves the centre; the head predicts the size)."""
+    ref = inverse_sigmoid(reference)
+    if ref.shape[-1] == 4:
+        return delta + ref
+    return torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
 
 
 @dataclass
@@ -72,6 +89,8 @@ class DeformableDETR(nn.Module):
         activation: FFN activation, relu | gelu.
         one2many_queries: M extra proposals decoded in training as H-DETR's one-to-many group (0 disables;
             needs ``two_stage``).
+        look_forward_twice: DINO's look forward twice (needs ``box_refine``).
+        mixed_query_selection: DINO's mixed query selection, learned content queries (needs ``two_stage``).
     """
 
     def __init__(
@@ -95,10 +114,16 @@ class DeformableDETR(nn.Module):
         dn_box_noise: float = 0.4,
         activation: str = "relu",
         one2many_queries: int = 0,
+        look_forward_twice: bool = False,
+        mixed_query_selection: bool = False,
     ):
         super().__init__()
         if one2many_queries and not two_stage:
             raise ValueError("deformable_detr: one2many_queries > 0 needs two_stage (H-DETR's two-stage way)")
+        if look_forward_twice and not box_refine:
+            raise ValueError("deformable_detr: look_forward_twice needs box_refine (it chains refined boxes)")
+        if mixed_query_selection and not two_stage:
+            raise ValueError("deformable_detr: mixed_query_selection needs two_stage (it selects proposals)")
         if hidden_dim % nheads or hidden_dim % 2:
             raise ValueError(
                 f"deformable_detr: hidden_dim {hidden_dim} must be even and divisible by nheads {nheads}"
@@ -111,6 +136,8 @@ class DeformableDETR(nn.Module):
         self.two_stage = two_stage
         self.one2many_queries = one2many_queries
         self.box_refine = box_refine
+        self.look_forward_twice = look_forward_twice
+        self.mixed_query_selection = mixed_query_selection
         self.dn_groups = dn_groups
         self.dn_label_noise = dn_label_noise
         self.dn_box_noise = dn_box_noise
@@ -127,6 +154,9 @@ class DeformableDETR(nn.Module):
             self.refpoint_embed = nn.Embedding(num_queries, 4)
             with torch.no_grad():  # DAB-DETR random_refpoints_xy: centres uniform over the image
                 self.refpoint_embed.weight[:, :2] = inverse_sigmoid(torch.rand(num_queries, 2))
+        if mixed_query_selection:  # DINO's tgt_embed: one learned content vector per selected proposal
+            self.tgt_embed = nn.Embedding(num_queries + one2many_queries, hidden_dim)
+            nn.init.normal_(self.tgt_embed.weight)
         if dn_groups > 0:
             self.label_enc = nn.Embedding(num_classes, hidden_dim)
         self._build_heads(hidden_dim, num_classes, dec_layers)
@@ -187,7 +217,8 @@ class DeformableDETR(nn.Module):
         keys = (
             "hidden_dim", "nheads", "enc_layers", "dec_layers", "ffn_dim", "dropout", "num_queries",
             "num_classes", "extra_levels", "enc_points", "dec_points", "two_stage", "box_refine", "dn_groups",
-            "dn_label_noise", "dn_box_noise", "activation", "one2many_queries",
+            "dn_label_noise", "dn_box_noise", "activation", "one2many_queries", "look_forward_twice",
+            "mixed_query_selection",
         )  # fmt: skip
         return cls(backbone, **{k: cfg[k] for k in keys if k in cfg})
 
@@ -248,9 +279,13 @@ class DeformableDETR(nn.Module):
         if self.two_stage:
             m = self.one2many_queries if self.training else 0
             proposals, anchors = self._proposals(memory, memory_mask, spatial_shapes, self.num_queries + m)
-            det = self._box_group(anchors[:, : self.num_queries])
+            q = self.num_queries
+            content = None
+            if self.mixed_query_selection:  # DINO: learned content, positions from the proposals
+                content = self.tgt_embed.weight[None, : q + m].expand(b, -1, -1)
+            det = self._box_group(anchors[:, :q], None if content is None else content[:, :q])
             if m:
-                one2many = [self._box_group(anchors[:, self.num_queries :])]
+                one2many = [self._box_group(anchors[:, q:], None if content is None else content[:, q:])]
         else:
             det = self._query_group(self.native_queries()[None], b)
         dn = None
@@ -393,17 +428,20 @@ class DeformableDETR(nn.Module):
         ]
 
     def _heads(self, hidden: Tensor, refs: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-layer class logits [L, B, N, C] and boxes [L, B, N, 4] relative to each layer's reference."""
+        """Per-layer class logits [L, B, N, C] and boxes [L, B, N, 4] relative to each layer's reference.
+
+        With ``look_forward_twice`` layer l (> 0) adds its delta to layer l-1's refined box before the detach
+        (same value as ``refs[l]``, which the decoder detached), so its loss reaches layer l-1 too (DINO).
+        """
         logits, boxes = [], []
+        undetached = None  # layer l-1's refined box on its detached reference, [B, N, 4] sigmoided
         for lid, (h, ref) in enumerate(zip(hidden, refs, strict=True)):
             logits.append(self.class_embed[lid](h))
             delta = self.bbox_embed[lid](h)
-            ref = inverse_sigmoid(ref)
-            if ref.shape[-1] == 4:
-                delta = delta + ref
-            else:
-                delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
-            boxes.append(delta.sigmoid())
+            refined = _refine(delta, ref)
+            boxes.append(refined.sigmoid() if undetached is None else _refine(delta, undetached).sigmoid())
+            if self.look_forward_twice:
+                undetached = refined.sigmoid()
         return torch.stack(logits), torch.stack(boxes)
 
     @staticmethod
