@@ -3,7 +3,9 @@
 For each architecture a HF ``...ForObjectDetection`` is built (random init, no download) from a config that
 mirrors the embedded default (params.yaml ``model`` merged with ``student.model``); the kd detector is
 :func:`kd.models.convert.from_hf` of it, so both hold the same weights and the outputs are checked equal
-before timing. Both use frozen batch norm and train every parameter (HF's backbone freezing is undone).
+before timing. Both use frozen batch norm. ``--backbone`` picks what trains on both sides: ``frozen`` (the
+ResNet's parameters fixed, as the embedded default trains with ``lr_backbone: 0``; the default when
+params.yaml's student freezes it) or ``trained`` (every parameter, HF's partial backbone freezing undone).
 Denoising groups are off (HF has none).
 
 Timed, in one process with the rounds interleaved (the order alternates each round, so load from other
@@ -33,7 +35,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from kd.config import load_params, model_config
+from kd.config import load_params, model_config, train_config
 from kd.models import build_criterion
 from kd.models.convert import config_from_hf, from_hf
 from kd.models.criterion import SetCriterion, num_boxes_global
@@ -89,19 +91,23 @@ def hf_config(cfg: dict, arch: str):
     return getattr(transformers, _HF_CLASSES[arch][0])(**kw)
 
 
-def make_pair(cfg: dict, arch: str) -> tuple[nn.Module, nn.Module]:
-    """(kd model, HF model) with equal weights; checks that the architectures agree."""
+def make_pair(cfg: dict, arch: str, train_backbone: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(kd model, HF model) with equal weights; checks that the architectures agree. ``train_backbone``:
+    every backbone parameter trains on both sides (HF's own partial freezing undone), else none does."""
     torch.manual_seed(0)
     hf = getattr(transformers, _HF_CLASSES[arch][1])(hf_config(cfg, arch))
-    for p in hf.model.backbone.parameters():  # HF freezes (part of) the backbone; kd trains all of it
-        p.requires_grad_(True)
+    for p in hf.model.backbone.parameters():
+        p.requires_grad_(train_backbone)
     mirrored = config_from_hf(hf.config.to_dict())
     keys = ("hidden_dim", "nheads", "enc_layers", "dec_layers", "ffn_dim", "num_queries", "num_classes")
     keys += ("enc_points", "dec_points", "two_stage") if arch == "deformable_detr" else ()
     diff = {k: (cfg[k], mirrored[k]) for k in keys if cfg[k] != mirrored[k]}
     if diff:
         raise SystemExit(f"{arch}: the HF config does not mirror params.yaml: {diff}")
-    return from_hf(hf), hf
+    ours = from_hf(hf)
+    for p in ours.backbone.parameters():
+        p.requires_grad_(train_backbone)
+    return ours, hf
 
 
 def make_batch(batch_size: int, size: int, num_classes: int, seed: int = 0):
@@ -187,7 +193,7 @@ def timed(fn, iters: int) -> float:
 def bench_arch(cfg: dict, arch: str, args) -> dict:
     """Median seconds per train step / inference batch of kd and HF and the median of the per-round ratios
     HF / kd (each round times both implementations back to back, in alternating order)."""
-    ours, hf = make_pair(cfg, arch)
+    ours, hf = make_pair(cfg, arch, train_backbone=args.backbone == "trained")
     images, mask, targets = make_batch(args.batch, args.size, cfg["num_classes"])
     diff, padded_picks = output_difference(ours, hf, images, mask)
     criterion = build_criterion({}, cfg["num_classes"])
@@ -221,15 +227,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=160, help="image height; width is 1.2x")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--backbone",
+        choices=("auto", "frozen", "trained"),
+        default="auto",
+        help="what trains: auto = frozen when params.yaml's student.train.lr_backbone is 0 (the default)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = model_config(load_params(args.params), "student")
+    params = load_params(args.params)
+    if args.backbone == "auto":
+        args.backbone = "frozen" if train_config(params, "student").lr_backbone == 0 else "trained"
+    base = model_config(params, "student")
     base.update(backbone_norm="frozen_bn", backbone_weights=None, dn_groups=0)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads; batch {args.batch} x {args.size}x{int(1.2 * args.size)}; "
-        f"{args.rounds} rounds x {args.iters} iters"
+        f"{args.rounds} rounds x {args.iters} iters; backbone {args.backbone}"
     )
     print(f"load average (1, 5, 15 min) at start: {os.getloadavg()}")
     print(f"{'arch':18} {'impl':4} {'train s/step':>12} {'infer img/s':>12}  {'hf/kd train, infer':>18}")
@@ -247,7 +262,7 @@ def main() -> None:
     ratios["geomean"] = {
         m: round(math.prod(v[m] for v in ratios.values()) ** (1 / len(ratios)), 3) for m in ("train", "infer")
     }
-    print(json.dumps({"hf_time_over_kd_time": ratios}))
+    print(json.dumps({"backbone": args.backbone, "hf_time_over_kd_time": ratios}))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,24 @@ def test_presets_with_learned_query_teachers_keep_the_official_qpad(preset):
     assert merged(preset)["distill"]["detrdistill"]["qpad_weight_cls"] == 2.0
 
 
+# --- the native-scale preset ------------------------------------------------------------------------------
+
+
+def test_native_scale_preset_trains_and_evaluates_near_the_images_own_size():
+    from kd.data.transforms import resized_shape
+
+    params = merged("native_scale")
+    t, gen = params["data"]["transforms"], params["data"]["synthetic"]
+    assert t["val_size"] == max(t["train_sizes"])  # DETR's rule: evaluate at the largest train scale
+    assert min(t["train_sizes"]) >= gen["min_side"]  # no train scale shrinks every image
+    # the generator's most elongated image (min_side x max_side) keeps its aspect ratio at every scale
+    for size in (*t["train_sizes"], t["val_size"]):
+        h, w = resized_shape(gen["min_side"], gen["max_side"], size, t["max_size"])
+        assert (h, w) == (size, round(size * gen["max_side"] / gen["min_side"]))
+    assert model_config(params, "teacher")["dec_layers"] == 6
+    assert model_config(params, "student") == model_config(load_params(PARAMS), "student")
+
+
 # --- the COCO preset -------------------------------------------------------------------------------------
 
 
