@@ -5,7 +5,8 @@ the timings with the methods interleaved round by round (ratios stay fair on a n
 short subprocess per method for its peak resident memory. The teacher is randomly initialised: its weights
 do not change the cost. Prints a table, then one JSON object with the ratios as its last line.
 
-    python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch 8] [--no-share] [--params FILE]
+    python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch B] [--size S] [--amp auto|none|bf16]
+        [--no-share] [--params FILE]     # defaults: the student's batch and amp, the validation size
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torchvision
 from kd.config import ROLES, load_params, loss_config, model_config, train_config
 from kd.data.coco import collate_fn
 from kd.distill.build import loss_factory
-from kd.engine import build_optimizer, criterion_loss
+from kd.engine import autocast, build_optimizer, criterion_loss
 from kd.models import build_criterion, build_model
 
 METHODS = ("none", "qskd", "kd_detr", "detrdistill")
@@ -65,10 +66,11 @@ def backbone_file(params: dict) -> dict:
     return {**params, **roles}
 
 
-def make_step(params: dict, method: str, share: bool = True):
+def make_step(params: dict, method: str, share: bool = True, amp: str | None = None):
     """A closure running one training iteration (forward, losses, backward, AdamW step) of ``method``.
 
-    As in ``kd.train``: the optimizer of ``student.train`` (``lr_backbone: 0`` freezes the backbone); the
+    As in ``kd.train``: the optimizer and autocast mode (``amp``, unless given) of ``student.train``
+    (``lr_backbone: 0`` freezes the backbone; the teacher's forward runs under the same autocast); the
     teacher has random weights but its backbone file (they do not change the cost). ``share=False`` turns
     off the shared frozen backbone (to measure what it saves); a teacher whose backbone trains
     (``teacher.train.lr_backbone`` > 0) never shares it, as in the pipeline, where its weights then differ
@@ -84,11 +86,14 @@ def make_step(params: dict, method: str, share: bool = True):
     if factory and (not share or train_config(params, "teacher").lr_backbone != 0):
         loss_fn._shared_backbone = False
     extra = loss_fn if isinstance(loss_fn, torch.nn.Module) else None
-    opt = build_optimizer(student, train_config(params, "student"), extra)
+    cfg = train_config(params, "student")
+    opt = build_optimizer(student, cfg, extra)
+    amp = cfg.amp if amp is None else amp
 
     def step(batch):
         images, mask, targets = batch
-        losses = loss_fn(student, images, mask, targets)
+        with autocast(torch.device("cpu"), amp):  # the teacher's forward too, as in kd.engine
+            losses = loss_fn(student, images, mask, targets)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
@@ -103,7 +108,8 @@ def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
     importing torch and would hide the difference between methods."""
     code = (
         "import sys, threading, time, psutil; sys.argv=['x']; from bench.distill_overhead import *;"
-        f"p=backbone_file(load_params({args.params!r})); s=make_step(p,{method!r},share={not args.no_share});"
+        f"p=backbone_file(load_params({args.params!r}));"
+        f"s=make_step(p,{method!r},share={not args.no_share},amp={args.amp!r});"
         f"b=fake_batch({args.batch},{args.size},model_config(p,'student')['num_classes']); s(b);"
         "proc=psutil.Process(); peak=[0]; done=threading.Event()\n"
         "def watch():\n"
@@ -118,14 +124,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None, help="default: student.train.batch_size")
+    p.add_argument("--size", type=int, default=None, help="image side; default: data.transforms.val_size")
+    p.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto", help="auto: student.train.amp")
     p.add_argument("--no-share", action="store_true", help="compute a shared frozen backbone twice")
     p.add_argument("--params", default="params.yaml", help="params file (e.g. a preset applied to a copy)")
     args = p.parse_args()
     params = backbone_file(load_params(args.params))
+    args.batch = args.batch or train_config(params, "student").batch_size
+    args.size = args.size or params["data"]["transforms"]["val_size"]
+    args.amp = train_config(params, "student").amp if args.amp == "auto" else args.amp
     batch = fake_batch(args.batch, args.size, model_config(params, "student")["num_classes"])
-    steps = {m: make_step(params, m, share=not args.no_share) for m in METHODS}
+    steps = {m: make_step(params, m, share=not args.no_share, amp=args.amp) for m in METHODS}
     for step in steps.values():  # warm-up
         step(batch)
     times: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -138,7 +148,7 @@ def main() -> None:
     memory = {m: peak_memory_mb(m, args) for m in METHODS}
     base_t, base_m = statistics.median(times["none"]), memory["none"]
     print(f"{'method':<12} {'s/iter':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}")
-    result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
+    result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size, "amp": args.amp,
               "shared_backbone": not args.no_share}  # fmt: skip
     for m in METHODS:
         t = statistics.median(times[m])

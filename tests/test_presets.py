@@ -137,13 +137,13 @@ def test_presets_with_learned_query_teachers_keep_the_official_qpad(preset):
     assert merged(preset)["distill"]["detrdistill"]["qpad_weight_cls"] == 2.0
 
 
-# --- the native-scale preset ------------------------------------------------------------------------------
+# --- the embedded default's scale, and the quick preset (the default until session 14) ---------------------
 
 
-def test_native_scale_preset_trains_and_evaluates_near_the_images_own_size():
+def test_default_trains_and_evaluates_near_the_images_own_size():
     from kd.data.transforms import resized_shape
 
-    params = merged("native_scale")
+    params = load_params(PARAMS)
     t, gen = params["data"]["transforms"], params["data"]["synthetic"]
     assert t["val_size"] == max(t["train_sizes"])  # DETR's rule: evaluate at the largest train scale
     assert min(t["train_sizes"]) >= gen["min_side"]  # no train scale shrinks every image
@@ -151,8 +151,18 @@ def test_native_scale_preset_trains_and_evaluates_near_the_images_own_size():
     for size in (*t["train_sizes"], t["val_size"]):
         h, w = resized_shape(gen["min_side"], gen["max_side"], size, t["max_size"])
         assert (h, w) == (size, round(size * gen["max_side"] / gen["min_side"]))
-    assert model_config(params, "teacher")["dec_layers"] == 6
-    assert model_config(params, "student") == model_config(load_params(PARAMS), "student")
+
+
+def test_quick_preset_is_the_previous_default():
+    quick, default = merged("quick"), load_params(PARAMS)
+    assert quick["data"]["transforms"] == {**default["data"]["transforms"], "train_sizes": [112, 128, 144],
+                                           "val_size": 128, "max_size": 192}  # fmt: skip
+    assert model_config(quick, "teacher") == {**model_config(default, "teacher"), "dec_layers": 3}
+    assert model_config(quick, "student") == model_config(default, "student")
+    for role, epochs in (("teacher", 7), ("student", 1)):
+        cfg = train_config(quick, role)
+        assert (cfg.epochs, cfg.amp) == (epochs, "none")
+    assert train_config(default, "student").epochs == 2 and train_config(default, "teacher").amp == "bf16"
 
 
 # --- the COCO preset -------------------------------------------------------------------------------------
