@@ -36,6 +36,7 @@ import transformers
 from torch import Tensor, nn
 
 from kd.config import load_params, model_config, train_config
+from kd.engine import autocast
 from kd.models import build_criterion
 from kd.models.convert import config_from_hf, from_hf
 from kd.models.criterion import SetCriterion, num_boxes_global
@@ -155,8 +156,8 @@ def output_difference(ours: nn.Module, hf: nn.Module, images: Tensor, mask: Tens
 class Runner:
     """Train step / inference of one implementation ("kd" or "hf") on fixed inputs."""
 
-    def __init__(self, kind: str, model: nn.Module, criterion: SetCriterion, batch):
-        self.kind, self.model, self.criterion, self.batch = kind, model, criterion, batch
+    def __init__(self, kind: str, model: nn.Module, criterion: SetCriterion, batch, amp: str = "none"):
+        self.kind, self.model, self.criterion, self.batch, self.amp = kind, model, criterion, batch, amp
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
 
@@ -171,8 +172,9 @@ class Runner:
 
     def train_step(self) -> None:
         self.model.train()
-        logits, boxes = self._forward()
-        loss = final_layer_loss(self.criterion, logits, boxes, self.batch[2])
+        with autocast(torch.device("cpu"), self.amp):
+            logits, boxes = self._forward()
+            loss = final_layer_loss(self.criterion, logits.float(), boxes.float(), self.batch[2])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -180,7 +182,8 @@ class Runner:
     @torch.no_grad()
     def infer(self) -> None:
         self.model.eval()
-        self._forward()
+        with autocast(torch.device("cpu"), self.amp):
+            self._forward()
 
 
 def timed(fn, iters: int) -> float:
@@ -198,7 +201,7 @@ def bench_arch(cfg: dict, arch: str, args) -> dict:
     diff, padded_picks = output_difference(ours, hf, images, mask)
     criterion = build_criterion({}, cfg["num_classes"])
     batch = (images, mask, targets)
-    runners = {"kd": Runner("kd", ours, criterion, batch), "hf": Runner("hf", hf, criterion, batch)}
+    runners = {kind: Runner(kind, m, criterion, batch, args.amp) for kind, m in (("kd", ours), ("hf", hf))}
     for r in runners.values():  # warm-up (allocator, oneDNN primitive caches)
         for _ in range(args.warmup):
             r.train_step()
@@ -233,18 +236,26 @@ def main() -> None:
         default="auto",
         help="what trains: auto = frozen when params.yaml's student.train.lr_backbone is 0 (the default)",
     )
+    parser.add_argument(
+        "--amp",
+        choices=("auto", "none", "bf16"),
+        default="auto",
+        help="autocast of both sides: auto = params.yaml's student.train.amp (the default trains under bf16)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     params = load_params(args.params)
     if args.backbone == "auto":
         args.backbone = "frozen" if train_config(params, "student").lr_backbone == 0 else "trained"
+    if args.amp == "auto":
+        args.amp = train_config(params, "student").amp
     base = model_config(params, "student")
     base.update(backbone_norm="frozen_bn", backbone_weights=None, dn_groups=0)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads; batch {args.batch} x {args.size}x{int(1.2 * args.size)}; "
-        f"{args.rounds} rounds x {args.iters} iters; backbone {args.backbone}"
+        f"{args.rounds} rounds x {args.iters} iters; backbone {args.backbone}; amp {args.amp}"
     )
     print(f"load average (1, 5, 15 min) at start: {os.getloadavg()}")
     print(f"{'arch':18} {'impl':4} {'train s/step':>12} {'infer img/s':>12}  {'hf/kd train, infer':>18}")
@@ -262,7 +273,7 @@ def main() -> None:
     ratios["geomean"] = {
         m: round(math.prod(v[m] for v in ratios.values()) ** (1 / len(ratios)), 3) for m in ("train", "infer")
     }
-    print(json.dumps({"backbone": args.backbone, "hf_time_over_kd_time": ratios}))
+    print(json.dumps({"backbone": args.backbone, "amp": args.amp, "hf_time_over_kd_time": ratios}))
 
 
 if __name__ == "__main__":

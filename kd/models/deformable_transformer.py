@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.models.box_ops import inverse_sigmoid
+from kd.models.transformer_layers import multihead_attention
 from kd.ops import MSDeformAttn
 
 
@@ -198,7 +199,7 @@ class DeformableDecoderLayer(nn.Module):
         Returns tgt [B, N, D], sampling_locations [B, N, H, V, P, 2], attention_weights [B, N, H, V, P].
         """
         q = tgt + query_pos
-        tgt2 = self.self_attn(q, q, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt2 = multihead_attention(self.self_attn, q, q, tgt, attn_mask=self_attn_mask)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2, locations, weights = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, memory_mask, return_sampling=True

@@ -63,6 +63,24 @@ def _blocked(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tenso
     return blocked
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention`` ([B, H, L, d] inputs), in float32 on the CPU for bf16 inputs or
+    under bf16 autocast.
+
+    Under CPU bf16 autocast the projections hand bf16 q/k/v to SDPA, whose CPU flash kernel is 3-7x slower in
+    bf16 than in fp32 at DETR's sizes (tens to hundreds of tokens, 8-32 channels per head; bench/README
+    "Attention under bf16"); the products are tiny next to the projections, so fp32 costs nothing else and
+    is the more accurate choice. The output is cast back to bf16.
+    """
+    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs back to bf16
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p
+            )
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 def dot_product_attention(
     q: Tensor,
     k: Tensor,
@@ -94,7 +112,7 @@ def dot_product_attention(
     blocked = _blocked(key_padding_mask, attn_mask)
     if not need_weights:
         allowed = None if blocked is None else ~blocked
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        out = sdpa(q, k, v, attn_mask=allowed, dropout_p=dropout)
         return out.transpose(1, 2).reshape(b, lq, -1), None
     logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
     if blocked is not None:
@@ -103,6 +121,33 @@ def dot_product_attention(
     attn = F.dropout(probs, dropout) if dropout > 0 else probs
     out = torch.matmul(attn.to(v.dtype), v)
     return out.transpose(1, 2).reshape(b, lq, -1), probs.mean(dim=1)
+
+
+def multihead_attention(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """``mha(query, key, value, need_weights=False)[0]`` of a batch-first ``nn.MultiheadAttention`` (packed
+    in-projection with bias), computed from its own parameters through :func:`dot_product_attention`, so
+    state dicts are unchanged and the attention products run in fp32 under CPU bf16 autocast (:func:`sdpa`).
+
+    query: [B, Lq, E]; key, value: [B, S, E]; masks as in :func:`dot_product_attention` (bool, True =
+    blocked). Returns [B, Lq, E].
+    """
+    e = mha.embed_dim
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    if query is key:  # self-attention: one matmul for q and k
+        q, k = F.linear(query, w[: 2 * e], b[: 2 * e]).chunk(2, dim=-1)
+    else:
+        q, k = F.linear(query, w[:e], b[:e]), F.linear(key, w[e : 2 * e], b[e : 2 * e])
+    v = F.linear(value, w[2 * e :], b[2 * e :])
+    dropout = mha.dropout if mha.training else 0.0
+    out, _ = dot_product_attention(q, k, v, mha.num_heads, key_padding_mask, attn_mask, dropout)
+    return mha.out_proj(out)
 
 
 class ProjectionFreeAttention(nn.Module):
@@ -156,7 +201,7 @@ class EncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """src, pos: [B, S, D]; key_padding_mask: [B, S] bool (True on padding) -> [B, S, D]."""
         q = src + pos
-        src2 = self.self_attn(q, q, src, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        src2 = multihead_attention(self.self_attn, q, q, src, key_padding_mask=key_padding_mask)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout2(src2))
