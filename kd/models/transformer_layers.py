@@ -5,8 +5,10 @@ IDEA-Research/DAB-DETR ``models/DAB_DETR/transformer.py``, batch-first. Paramete
 code (``sa_qcontent_proj``, ``ca_qpos_sine_proj``, ``cross_attn.out_proj``, ``linear1``, ``norm3`` ...) so
 official checkpoints map onto these modules by prefix only.
 
-Attention runs through ``F.scaled_dot_product_attention`` unless the weights are requested; then an explicit
-``softmax(QK^T / sqrt(d))`` returns the head-averaged map (for visualisation and feature distillation).
+Attention runs through ``F.scaled_dot_product_attention`` (:func:`sdpa`: in fp32 under CPU bf16 autocast)
+unless the weights are requested; then an explicit ``softmax(QK^T / sqrt(d))`` returns the head-averaged map
+(for visualisation and feature distillation). :func:`multihead_attention` runs an ``nn.MultiheadAttention``'s
+own parameters through the same path (the deformable decoder's and the DETR encoder's self-attention).
 """
 
 from __future__ import annotations
@@ -68,9 +70,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     under bf16 autocast.
 
     Under CPU bf16 autocast the projections hand bf16 q/k/v to SDPA, whose CPU flash kernel is 3-7x slower in
-    bf16 than in fp32 at DETR's sizes (tens to hundreds of tokens, 8-32 channels per head; bench/README
-    "Attention under bf16"); the products are tiny next to the projections, so fp32 costs nothing else and
-    is the more accurate choice. The output is cast back to bf16.
+    bf16 than in fp32 at DETR's sizes (tens to hundreds of tokens, 8-32 channels per head;
+    ``bench/attention_bf16.py``); fp32 is also the more accurate choice for the softmax. The output is cast
+    back to the input dtype.
     """
     if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs back to bf16
