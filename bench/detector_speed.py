@@ -6,7 +6,9 @@ mirrors the embedded default (params.yaml ``model`` merged with ``student.model`
 before timing. Both use frozen batch norm. ``--backbone`` picks what trains on both sides: ``frozen`` (the
 ResNet's parameters fixed, as the embedded default trains with ``lr_backbone: 0``; the default when
 params.yaml's student freezes it) or ``trained`` (every parameter, HF's partial backbone freezing undone).
-Denoising groups are off (HF has none).
+Denoising groups are off (HF has none). ``--amp`` runs both under the same CPU autocast (``auto``: the
+student's ``amp`` from params.yaml, bf16 in the embedded default; ``none``: fp32); the loss is computed in
+fp32.
 
 Timed, in one process with the rounds interleaved (the order alternates each round, so load from other
 processes hits both sides alike; the median of the rounds is reported):
@@ -18,7 +20,8 @@ processes hits both sides alike; the median of the rounds is reported):
 The last printed line is a JSON object with the ratios HF time / kd time (> 1: kd is faster): per architecture
 the median over rounds of the ratio measured within each round, and their geometric mean.
 
-Usage: ``python bench/detector_speed.py [--rounds 5] [--archs conditional_detr dab_detr deformable_detr]``
+Usage: ``python bench/detector_speed.py [--rounds 5] [--amp auto|none|bf16]
+[--archs conditional_detr dab_detr deformable_detr]``
 """
 
 from __future__ import annotations
