@@ -3,7 +3,9 @@
 Embedded default configuration (params.yaml: student and teacher models, distill.<method>), one process for
 the timings with the methods interleaved round by round (ratios stay fair on a noisy machine), and one
 short subprocess per method for its peak resident memory. The teacher is randomly initialised: its weights
-do not change the cost. Prints a table, then one JSON object with the ratios as its last line.
+do not change the cost. Also times the teacher's forward alone (``teacher_forward``: what any distiller adds
+at the least; ``floor`` = 1 + its ratio). Prints a table, then one JSON object with the ratios as its last
+line.
 
     python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch B] [--size S] [--amp auto|none|bf16]
         [--no-share] [--params FILE]     # defaults: the student's batch and amp, the validation size
@@ -101,6 +103,28 @@ def make_step(params: dict, method: str, share: bool = True, amp: str | None = N
     return step
 
 
+def make_teacher_forward(params: dict, amp: str | None = None):
+    """A closure running the teacher's forward alone as a distillation step runs it (``no_grad``, the
+    student's autocast), its frozen backbone's features given rather than computed (the step shares them
+    with the student, whose own step computes them too), no extra query groups: the least any distiller adds
+    to the student's step, so ``1 + its time / the student's step`` bounds every method's ratio from below."""
+    torch.manual_seed(0)
+    teacher = build_model(model_config(params, "teacher")).eval().requires_grad_(False)
+    amp = train_config(params, "student").amp if amp is None else amp
+    cache: dict[int, list] = {}
+
+    def forward(batch):
+        images, mask, _ = batch
+        if id(images) not in cache:  # computed once per batch, outside the timed forwards that follow
+            with torch.no_grad(), autocast(torch.device("cpu"), amp):
+                cache[id(images)] = teacher.backbone(images, mask)
+        teacher.backbone.give(images, cache[id(images)])
+        with torch.no_grad(), autocast(torch.device("cpu"), amp):
+            teacher(images, mask)
+
+    return forward
+
+
 def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
     """Peak resident memory (MiB) sampled while a fresh process runs 2 iterations of ``method``.
 
@@ -136,9 +160,10 @@ def main() -> None:
     args.amp = train_config(params, "student").amp if args.amp == "auto" else args.amp
     batch = fake_batch(args.batch, args.size, model_config(params, "student")["num_classes"])
     steps = {m: make_step(params, m, share=not args.no_share, amp=args.amp) for m in METHODS}
+    steps["teacher_forward"] = make_teacher_forward(params, amp=args.amp)
     for step in steps.values():  # warm-up
         step(batch)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(args.rounds):
         for m, step in steps.items():
             t = time.perf_counter()
@@ -158,6 +183,11 @@ def main() -> None:
             "time_ratio": round(t / base_t, 3),
             "mem_ratio": round(memory[m] / base_m, 3),
         }
+    t = statistics.median(times["teacher_forward"])
+    floor = 1 + t / base_t
+    print(f"{'teacher fwd':<12} {t:8.3f} {t / base_t:6.2f}   (no method's ratio can be below {floor:.2f})")
+    result["teacher_forward"] = {"s_per_iter": round(t, 4), "time_ratio": round(t / base_t, 3)}
+    result["floor"] = round(floor, 3)
     print(json.dumps(result))
 
 
