@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kd.ops import MSDeformAttn, ms_deform_attn
+from kd.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_grid_sample
+from kd.ops.msdeform_attn import softmax_short
 
 
 def _bilinear(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -128,3 +129,88 @@ class TestMSDeformAttnModule:
         m = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
         with pytest.raises(ValueError, match="reference_points"):
             m(torch.randn(1, 2, 8), torch.rand(1, 2, 1, 3), torch.randn(1, 4, 8), torch.tensor([[2, 2]]))
+
+
+class TestGatherPath:
+    """The no-gradient CPU path (``ms_deform_attn_gather`` / ``MSDeformAttn._gather_points``) against the
+    ``grid_sample`` path that training takes."""
+
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_gather_equals_grid_sample_and_naive(self, seed):
+        value, shapes, locations, weights = _random_inputs(seed, shapes=((5, 4), (3, 2), (1, 1)))
+        out = ms_deform_attn_gather(value, shapes, locations, weights)
+        assert_close(
+            out, ms_deform_attn_grid_sample(value, shapes, locations, weights), rtol=1e-12, atol=1e-12
+        )
+        assert_close(out, _naive(value, shapes, locations, weights), rtol=1e-10, atol=1e-10)
+
+    def test_far_outside_reads_zero(self):
+        value, shapes, locations, weights = _random_inputs(5)
+        far = locations + torch.tensor([3.0, -2.5], dtype=torch.float64)
+        assert_close(
+            ms_deform_attn_gather(value, shapes, far, weights), torch.zeros(2, 3, 6, dtype=torch.float64)
+        )
+
+    def test_dispatch(self, monkeypatch):
+        """No gradient -> gather; inputs that need a gradient -> grid_sample (its backward is faster)."""
+        import kd.ops.msdeform_attn as op
+
+        value, shapes, locations, weights = _random_inputs(6)
+        calls = []
+        gather = op.ms_deform_attn_gather
+        monkeypatch.setattr(op, "ms_deform_attn_gather", lambda *a: calls.append("gather") or gather(*a))
+        ms_deform_attn(value, shapes, locations, weights)
+        with torch.no_grad():
+            ms_deform_attn(value, shapes, locations.requires_grad_(), weights)
+        assert calls == ["gather", "gather"]
+        out = ms_deform_attn(value, shapes, locations, weights)
+        assert calls == ["gather", "gather"] and out.grad_fn is not None
+
+    def test_float64_row_indices_past_float32_range(self, monkeypatch):
+        import kd.ops.msdeform_attn as op
+
+        value, shapes, locations, weights = _random_inputs(7)
+        value, locations, weights = value.float(), locations.float(), weights.float()
+        expected = ms_deform_attn_gather(value, shapes, locations, weights)
+        monkeypatch.setattr(op, "FLOAT32_EXACT_ROWS", 8)
+        assert_close(ms_deform_attn_gather(value, shapes, locations, weights), expected)
+
+    def test_softmax_short(self):
+        x = torch.randn(2, 7, 3, 12)
+        assert_close(softmax_short(x), x.softmax(-1))
+
+    @pytest.mark.parametrize("ref_dim", [2, 4])
+    def test_module_no_grad_equals_training_path(self, ref_dim):
+        """Encoder-style 2-d references (``_gather_points``, no locations formed) and decoder-style 4-d
+        boxes with ``return_sampling``: the same output, locations and weights as with gradients on."""
+        torch.manual_seed(0)
+        m = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3).double()
+        with torch.no_grad():
+            for prm in m.parameters():
+                prm.add_(torch.randn_like(prm) * 0.3)  # off the init's zero offsets
+        shapes = torch.tensor([[4, 5], [2, 3]])
+        memory = torch.randn(2, 26, 16, dtype=torch.float64)
+        query = torch.randn(2, 7, 16, dtype=torch.float64)
+        ref = torch.rand(2, 7, 2, ref_dim, dtype=torch.float64) * 1.2 - 0.1
+        pad = torch.zeros(2, 26, dtype=torch.bool)
+        pad[1, :4] = True
+        train = m(query, ref, memory, shapes, pad, return_sampling=True)
+        assert train[0].grad_fn is not None
+        with torch.no_grad():
+            fast = m(query, ref, memory, shapes, pad, return_sampling=True)
+            assert_close(m(query, ref, memory, shapes, pad), train[0].detach(), rtol=1e-10, atol=1e-10)
+        for a, b in zip(fast, train, strict=True):
+            assert_close(a, b.detach(), rtol=1e-10, atol=1e-10)
+
+    def test_module_bfloat16_autocast_no_grad(self):
+        """Under bf16 autocast (as the teacher runs) the gather path stays within bf16 rounding."""
+        torch.manual_seed(0)
+        m = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)
+        shapes = torch.tensor([[4, 5], [2, 3]])
+        memory, query, ref = torch.randn(2, 26, 16), torch.randn(2, 7, 16), torch.rand(2, 7, 2, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            train = m(query, ref, memory, shapes)
+            with torch.no_grad():
+                fast = m(query, ref, memory, shapes)
+        assert fast.dtype == train.dtype == torch.bfloat16
+        assert_close(fast.float(), train.detach().float(), rtol=0.02, atol=0.02)

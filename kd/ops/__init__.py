@@ -1,5 +1,10 @@
 """Custom operators: multi-scale deformable attention in pure PyTorch."""
 
-from kd.ops.msdeform_attn import MSDeformAttn, ms_deform_attn
+from kd.ops.msdeform_attn import (
+    MSDeformAttn,
+    ms_deform_attn,
+    ms_deform_attn_gather,
+    ms_deform_attn_grid_sample,
+)
 
-__all__ = ["MSDeformAttn", "ms_deform_attn"]
+__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_gather", "ms_deform_attn_grid_sample"]
