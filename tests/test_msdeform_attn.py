@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kd.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_grid_sample
+from kd.ops import (
+    MSDeformAttn,
+    ms_deform_attn,
+    ms_deform_attn_gather,
+    ms_deform_attn_grid_sample,
+    use_gather,
+)
 from kd.ops.msdeform_attn import softmax_short
 
 
@@ -165,6 +171,18 @@ class TestGatherPath:
         assert calls == ["gather", "gather"]
         out = ms_deform_attn(value, shapes, locations, weights)
         assert calls == ["gather", "gather"] and out.grad_fn is not None
+        with torch.no_grad(), use_gather(False):
+            ms_deform_attn(value, shapes, locations, weights)
+        assert calls == ["gather", "gather"]
+
+    def test_use_gather_false_is_the_official_path_bit_for_bit(self):
+        torch.manual_seed(0)
+        m = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)
+        shapes = torch.tensor([[4, 5], [2, 3]])
+        memory, query, ref = torch.randn(2, 26, 16), torch.randn(2, 7, 16), torch.rand(2, 7, 2, 2)
+        train = m(query, ref, memory, shapes)
+        with torch.no_grad(), use_gather(False):
+            assert torch.equal(m(query, ref, memory, shapes), train.detach())
 
     def test_float64_row_indices_past_float32_range(self, monkeypatch):
         import kd.ops.msdeform_attn as op

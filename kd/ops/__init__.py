@@ -5,6 +5,13 @@ from kd.ops.msdeform_attn import (
     ms_deform_attn,
     ms_deform_attn_gather,
     ms_deform_attn_grid_sample,
+    use_gather,
 )
 
-__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_gather", "ms_deform_attn_grid_sample"]
+__all__ = [
+    "MSDeformAttn",
+    "ms_deform_attn",
+    "ms_deform_attn_gather",
+    "ms_deform_attn_grid_sample",
+    "use_gather",
+]

@@ -7,20 +7,42 @@ On the CPU without gradients (a teacher inside distillation, evaluation, predict
 ``ms_deform_attn_gather`` instead: the same bilinear sampling with zero padding as one weighted gather
 (``F.embedding_bag``) over all levels, points and corners, 2x the speed of the per-level ``grid_sample`` calls
 and their stack-multiply-sum at the teacher's encoder sizes (``bench/msdeform_attn.py``); equal to it up to
-float rounding. Training keeps ``grid_sample`` (its fused backward beats any gather's).
+float rounding. Training keeps ``grid_sample`` (its fused backward beats any gather's); ``use_gather(False)``
+turns the gather path off (the official path everywhere, bit for bit).
 ``MSDeformAttn`` is the official module (``models/ops/modules/ms_deform_attn.py``) with the same
 parameter names and initialisation, so official state dicts load unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 FLOAT32_EXACT_ROWS = 2**24  # bilinear_gather computes row indices in float32 below this many table rows
+_GATHER = True
+
+
+@contextlib.contextmanager
+def use_gather(enabled: bool) -> Iterator[None]:
+    """Inside the block, take (``True``) or never take (``False``) the no-gradient gather path."""
+    global _GATHER
+    previous, _GATHER = _GATHER, enabled
+    try:
+        yield
+    finally:
+        _GATHER = previous
+
+
+def _takes_gather(*tensors: Tensor) -> bool:
+    """The gather path: enabled, on the CPU, and no gradient needed through ``tensors``."""
+    if not _GATHER or tensors[0].device.type != "cpu":
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def ms_deform_attn(
@@ -42,8 +64,7 @@ def ms_deform_attn(
         raise ValueError(
             f"ms_deform_attn: spatial_shapes cover {sum(sizes)} tokens, value has {value.shape[1]}"
         )
-    inputs = (value, sampling_locations, attention_weights)
-    if value.device.type == "cpu" and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+    if _takes_gather(value, sampling_locations, attention_weights):
         return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_grid_sample(value, spatial_shapes, sampling_locations, attention_weights)
 
@@ -239,10 +260,8 @@ class MSDeformAttn(nn.Module):
         value = value.view(b, n_in, h, self.d_model // h)
         offsets = self.sampling_offsets(query).view(b, n_q, h, v, p, 2)
         logits = self.attention_weights(query).view(b, n_q, h, v * p)
-        tensors = (query, reference_points, input_flatten, *self.parameters())
-        if query.device.type == "cpu" and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        ):  # no gradient: the gather path (ms_deform_attn_gather), and straight to its pixel coordinates
+        if _takes_gather(query, reference_points, input_flatten, *self.parameters()):
+            # no gradient: the gather path (ms_deform_attn_gather), and straight to its pixel coordinates
             if reference_points.shape[-1] == 2 and not return_sampling:
                 out = self._gather_points(value, spatial_shapes, reference_points, offsets, logits)
                 return self.output_proj(out)
