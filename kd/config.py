@@ -23,7 +23,7 @@ ARCHS = ("conditional_detr", "dab_detr", "deformable_detr")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # kd.models.backbone
 BACKBONE_NORMS = ("auto", "frozen_bn", "bn", "gn")
 DISTILL_METHODS = ("none", "qskd", "kd_detr", "detrdistill")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16", "auto")
 LR_SCHEDULES = ("step", "cosine")
 
 LOSS_KEYS = (
@@ -84,8 +84,9 @@ class TrainConfig:
     ``batch_size`` is the global batch (split over the processes under torchrun). ``lr_drop`` is the epoch
     at which every learning rate is multiplied by ``lr_drop_gamma`` (``None``: never) under ``lr_schedule:
     step``; ``lr_schedule: cosine`` decays every learning rate along a half cosine to ``lr_min_ratio`` of it
-    at the end of ``epochs`` instead (``lr_drop`` must then be null). ``clip_max_norm``
-    of 0 disables gradient clipping. ``amp``: none | bf16 | fp16 (fp16 uses a GradScaler).
+    at the end of ``epochs`` instead (``lr_drop`` must then be null). ``clip_max_norm`` of 0 disables
+    gradient clipping. ``amp``: none | bf16 | fp16 (fp16 uses a GradScaler) | auto (bf16 where the device
+    runs it natively, else none: :func:`kd.engine.resolve_amp`).
     """
 
     epochs: int

@@ -191,8 +191,23 @@ def build_scheduler(
     )
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``amp`` with ``auto`` made concrete for ``device``: ``bf16`` where it runs natively (a CUDA device that
+    supports it; a CPU with AVX-512 BF16 / AMX, where it is ~1.1-1.25x faster than fp32), else ``none``
+    (without those instructions CPU bf16 is emulated, 5-7x slower: bench/README "amp_speed.py").
+    Every other mode is returned as it is."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cpu":
+        return "bf16" if cpu_bf16_flags() else "none"
+    return "none"
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for amp = bf16 | fp16 on ``device``; a no-op for ``none``."""
+    """``torch.autocast`` for amp = bf16 | fp16 | auto (:func:`resolve_amp`) on ``device``; no-op for none."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -381,9 +396,12 @@ def fit(
     """
     out_dir = Path(out_dir)
     last = out_dir / "last.pt"
-    if device.type == "cpu" and cfg.amp == "bf16" and not cpu_bf16_flags():
-        log.warning("amp bf16 on a CPU without AVX-512 BF16 / AMX runs about 2x slower than amp none")
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    amp = resolve_amp(cfg.amp, device)
+    if device.type == "cpu" and amp == "bf16" and not cpu_bf16_flags():
+        log.warning("amp bf16 on a CPU without AVX-512 BF16 / AMX runs 5-7x slower than amp none (amp: auto)")
+    if cfg.amp == "auto":
+        log.info("amp auto: %s on this %s", amp, device.type)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     start_epoch, step, state = 0, 0, {"train": {}, "val": {}, "best": {}}
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema_decay > 0 else None
     if on_change not in ("error", "restart"):
@@ -422,7 +440,7 @@ def fit(
             epoch=epoch,
             step=step,
             clip_max_norm=cfg.clip_max_norm,
-            amp=cfg.amp,
+            amp=amp,
             scaler=scaler,
             max_iters=max_iters,
             log_every=cfg.log_every,

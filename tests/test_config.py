@@ -100,7 +100,7 @@ def test_override_without_value_and_missing_file(params_file, tmp_path):
             "teacher.train.batch_size=2.5",
             r"teacher\.train\.batch_size: expected a positive integer; got 2\.5",
         ),
-        ("teacher.train.amp=fp8", r"teacher\.train\.amp: expected one of none, bf16, fp16"),
+        ("teacher.train.amp=fp8", r"teacher\.train\.amp: expected one of none, bf16, fp16, auto"),
         ("teacher.train.lr_schedule=linear", r"teacher\.train\.lr_schedule: expected one of step, cosine"),
         ("teacher.train.lr_schedule=cosine", r"teacher\.train\.lr_drop: must be null with lr_schedule"),
         ("student.train.ema_decay=1.0", r"student\.train\.ema_decay: expected a number in \[0\.0, 0\.9"),

@@ -15,10 +15,12 @@ from kd.engine import (
     EpochSampler,
     NonFiniteLossError,
     ShardSampler,
+    autocast,
     build_optimizer,
     build_scheduler,
     evaluate,
     fit,
+    resolve_amp,
     seed_everything,
     settings_diff,
     train_one_epoch,
@@ -262,6 +264,19 @@ def test_autocast_on_cpu_trains(amp):
     )
     assert step == 2 and torch.isfinite(torch.tensor(stats["loss"]))
     assert not torch.equal(before, model.cls.weight)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(["avx512_bf16", "amx_bf16"], "bf16"), ([], "none")])
+def test_amp_auto_follows_the_cpus_bf16_instructions(monkeypatch, flags, expected):
+    monkeypatch.setattr("kd.engine.cpu_bf16_flags", lambda: flags)
+    assert resolve_amp("auto", CPU) == expected
+    for amp in ("none", "bf16", "fp16"):
+        assert resolve_amp(amp, CPU) == amp  # explicit modes are never second-guessed
+    assert resolve_amp("auto", torch.device("meta")) == "none"
+    x = torch.ones(2, 2)
+    with autocast(CPU, "auto"):
+        y = x @ x
+    assert y.dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
 
 
 class Oracle(torch.nn.Module):

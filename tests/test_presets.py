@@ -162,7 +162,7 @@ def test_quick_preset_is_the_previous_default():
     for role, epochs in (("teacher", 7), ("student", 1)):
         cfg = train_config(quick, role)
         assert (cfg.epochs, cfg.amp) == (epochs, "none")
-    assert train_config(default, "student").epochs == 2 and train_config(default, "teacher").amp == "bf16"
+    assert train_config(default, "student").epochs == 2 and train_config(default, "teacher").amp == "auto"
 
 
 # --- the COCO preset -------------------------------------------------------------------------------------
