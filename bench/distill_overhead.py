@@ -4,11 +4,12 @@ Embedded default configuration (params.yaml: student and teacher models, distill
 the timings with the methods interleaved round by round (ratios stay fair on a noisy machine), and one
 short subprocess per method for its peak resident memory. The teacher is randomly initialised: its weights
 do not change the cost. Also times the teacher's forward alone (``teacher_forward``: what any distiller adds
-at the least; ``floor`` = 1 + its ratio). Prints a table, then one JSON object with the ratios as its last
-line.
+at the least; ``floor`` = 1 + its ratio). Also counts each iteration's matrix FLOPs (``gflop``,
+``flop_ratio``, ``flop_floor``): the ratios the arithmetic alone sets, however fast the implementation.
+Prints a table, then one JSON object with the ratios as its last line.
 
     python bench/distill_overhead.py [--rounds 5] [--iters 3] [--batch B] [--size S] [--amp auto|none|bf16]
-        [--no-share] [--params FILE]     # defaults: the student's batch and amp, the validation size
+        [--no-share] [--params FILE] [--flops-only]  # defaults: the student's batch and amp, the val size
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 from kd.config import ROLES, load_params, loss_config, model_config, train_config
 from kd.data.coco import collate_fn
@@ -55,16 +57,23 @@ def fake_batch(batch: int, size: int, num_classes: int, seed: int = 0):
 
 
 def backbone_file(params: dict) -> dict:
-    """``params`` with the backbone weights file made to exist: the pretrain stage's file when it has run,
-    else a random ResNet state dict in a temporary file (the cost is the same; teacher and student load the
-    same file either way, as in the pipeline, so a shared frozen backbone is shared here too)."""
-    files = {model_config(params, r)["backbone_weights"] for r in ("teacher", "student")} - {None}
-    missing = sorted(f for f in files if not Path(f).exists())
+    """``params`` with the backbone weights files made to exist: the pretrain stage's file when it has run,
+    else a random ResNet state dict per architecture in a temporary folder (the cost is the same). Roles
+    naming the same file get the same temporary file, so a frozen backbone the pipeline shares between
+    teacher and student is shared here too."""
+    models = {r: model_config(params, r) for r in ROLES}
+    missing = {m["backbone_weights"] for m in models.values()} - {None}
+    missing = {f for f in missing if not Path(f).exists()}
     if not missing:
         return params
-    path = Path(tempfile.mkdtemp()) / "backbone.pt"
-    torch.save(getattr(torchvision.models, model_config(params, "student")["backbone"])().state_dict(), path)
-    roles = {r: {**params[r], "model": {**params[r]["model"], "backbone_weights": str(path)}} for r in ROLES}
+    folder, roles = Path(tempfile.mkdtemp()), {}
+    for r, m in models.items():
+        if m["backbone_weights"] not in missing:
+            continue
+        path = folder / f"{m['backbone']}-{sorted(missing).index(m['backbone_weights'])}.pt"
+        if not path.exists():
+            torch.save(getattr(torchvision.models, m["backbone"])().state_dict(), path)
+        roles[r] = {**params[r], "model": {**params[r].get("model", {}), "backbone_weights": str(path)}}
     return {**params, **roles}
 
 
@@ -100,14 +109,16 @@ def make_step(params: dict, method: str, share: bool = True, amp: str | None = N
         sum(losses.values()).backward()
         opt.step()
 
+    step.loss_fn = loss_fn
     return step
 
 
-def make_teacher_forward(params: dict, amp: str | None = None):
+def make_teacher_forward(params: dict, amp: str | None = None, share: bool = True):
     """A closure running the teacher's forward alone as a distillation step runs it (``no_grad``, the
-    student's autocast), its frozen backbone's features given rather than computed (the step shares them
-    with the student, whose own step computes them too), no extra query groups: the least any distiller adds
-    to the student's step, so ``1 + its time / the student's step`` bounds every method's ratio from below."""
+    student's autocast), no extra query groups: the least any distiller adds to the student's step, so
+    ``1 + its time / the student's step`` bounds every method's ratio from below. With ``share`` (the
+    distillation step shares a frozen backbone) the backbone's features are given rather than computed: the
+    student's own step computes them."""
     torch.manual_seed(0)
     teacher = build_model(model_config(params, "teacher")).eval().requires_grad_(False)
     amp = train_config(params, "student").amp if amp is None else amp
@@ -115,14 +126,24 @@ def make_teacher_forward(params: dict, amp: str | None = None):
 
     def forward(batch):
         images, mask, _ = batch
-        if last.get("images") is not images:  # once per batch, outside the timed forwards that follow
+        if share and last.get("images") is not images:  # once per batch, outside the timed forwards
             with torch.no_grad(), autocast(torch.device("cpu"), amp):
                 last.update(images=images, features=teacher.backbone(images, mask))
-        teacher.backbone.give(images, last["features"])
+        if share:
+            teacher.backbone.give(images, last["features"])
         with torch.no_grad(), autocast(torch.device("cpu"), amp):
             teacher(images, mask)
 
     return forward
+
+
+def gflop(step, batch) -> float:
+    """GFLOP of one call of ``step`` on ``batch``: the matrix products and convolutions, forward and backward
+    (``torch.utils.flop_counter``; deformable attention's bilinear sampling, normalisations and element-wise
+    ops are not counted: they are a small part of the arithmetic, a larger part of the time)."""
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return counter.get_total_flops() / 1e9
 
 
 def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
@@ -144,6 +165,18 @@ def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
     return int(out.stdout.split()[-1]) / 2**20
 
 
+def print_flops(flops: dict[str, float], result: dict) -> None:
+    """The FLOP table and JSON line of ``--flops-only``."""
+    base = flops["none"]
+    print(f"{'method':<16} {'GFLOP':>8} {'ratio':>6}")
+    for m, f in flops.items():
+        print(f"{m:<16} {f:8.2f} {f / base:6.2f}")
+        result[m] = {"gflop": round(f, 3), "flop_ratio": round(f / base, 3)}
+    result["flop_floor"] = round(1 + flops["teacher_forward"] / base, 3)
+    print(f"no method's ratio can be below {result['flop_floor']:.2f} (FLOPs)")
+    print(json.dumps(result))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -153,6 +186,7 @@ def main() -> None:
     p.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto", help="auto: student.train.amp")
     p.add_argument("--no-share", action="store_true", help="compute a shared frozen backbone twice")
     p.add_argument("--params", default="params.yaml", help="params file (e.g. a preset applied to a copy)")
+    p.add_argument("--flops-only", action="store_true", help="count FLOPs, no timings (large configurations)")
     args = p.parse_args()
     params = backbone_file(load_params(args.params))
     args.batch = args.batch or train_config(params, "student").batch_size
@@ -160,9 +194,17 @@ def main() -> None:
     args.amp = train_config(params, "student").amp if args.amp == "auto" else args.amp
     batch = fake_batch(args.batch, args.size, model_config(params, "student")["num_classes"])
     steps = {m: make_step(params, m, share=not args.no_share, amp=args.amp) for m in METHODS}
-    steps["teacher_forward"] = make_teacher_forward(params, amp=args.amp)
-    for step in steps.values():  # warm-up
+    for step in steps.values():  # warm-up; the first distillation step decides whether the backbone is shared
         step(batch)
+    shared = bool(steps["qskd"].loss_fn._shared_backbone)
+    steps["teacher_forward"] = make_teacher_forward(params, amp=args.amp, share=shared)
+    steps["teacher_forward"](batch)
+    flops = {m: gflop(step, batch) for m, step in steps.items()}
+    result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size, "amp": args.amp,
+              "shared_backbone": shared}  # fmt: skip
+    if args.flops_only:
+        print_flops(flops, result)
+        return
     times: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(args.rounds):
         for m, step in steps.items():
@@ -171,23 +213,31 @@ def main() -> None:
                 step(batch)
             times[m].append((time.perf_counter() - t) / args.iters)
     memory = {m: peak_memory_mb(m, args) for m in METHODS}
-    base_t, base_m = statistics.median(times["none"]), memory["none"]
-    print(f"{'method':<12} {'s/iter':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}")
-    result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size, "amp": args.amp,
-              "shared_backbone": not args.no_share}  # fmt: skip
+    base_t, base_m, base_f = statistics.median(times["none"]), memory["none"], flops["none"]
+    print(f"{'method':<12} {'s/iter':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6} {'GFLOP':>7} {'ratio':>6}")
     for m in METHODS:
         t = statistics.median(times[m])
-        print(f"{m:<12} {t:8.3f} {t / base_t:6.2f} {memory[m]:9.0f} {memory[m] / base_m:6.2f}")
+        f, mem = flops[m], memory[m]
+        print(f"{m:<12} {t:8.3f} {t / base_t:6.2f} {mem:9.0f} {mem / base_m:6.2f} {f:7.2f} {f / base_f:6.2f}")
         result[m] = {
             "s_per_iter": round(t, 4),
             "time_ratio": round(t / base_t, 3),
-            "mem_ratio": round(memory[m] / base_m, 3),
+            "mem_ratio": round(mem / base_m, 3),
+            "gflop": round(f, 3),
+            "flop_ratio": round(f / base_f, 3),
         }
-    t = statistics.median(times["teacher_forward"])
-    floor = 1 + t / base_t
-    print(f"{'teacher fwd':<12} {t:8.3f} {t / base_t:6.2f}   (no method's ratio can be below {floor:.2f})")
-    result["teacher_forward"] = {"s_per_iter": round(t, 4), "time_ratio": round(t / base_t, 3)}
+    t, f = statistics.median(times["teacher_forward"]), flops["teacher_forward"]
+    floor, flop_floor = 1 + t / base_t, 1 + f / base_f
+    print(f"{'teacher fwd':<12} {t:8.3f} {t / base_t:6.2f} {'':>16} {f:7.2f} {f / base_f:6.2f}")
+    print(f"no method's ratio can be below {floor:.2f} (time) / {flop_floor:.2f} (FLOPs)")
+    result["teacher_forward"] = {
+        "s_per_iter": round(t, 4),
+        "time_ratio": round(t / base_t, 3),
+        "gflop": round(f, 3),
+        "flop_ratio": round(f / base_f, 3),
+    }
     result["floor"] = round(floor, 3)
+    result["flop_floor"] = round(flop_floor, 3)
     print(json.dumps(result))
 
 
