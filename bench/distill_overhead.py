@@ -58,7 +58,7 @@ def fake_batch(batch: int, size: int, num_classes: int, seed: int = 0):
 
 def backbone_file(params: dict) -> dict:
     """``params`` with the backbone weights files made to exist: the pretrain stage's file when it has run,
-    else a random ResNet state dict per architecture in a temporary folder (the cost is the same). Roles
+    else a random ResNet state dict per missing file in a temporary folder (the cost is the same). Roles
     naming the same file get the same temporary file, so a frozen backbone the pipeline shares between
     teacher and student is shared here too."""
     models = {r: model_config(params, r) for r in ROLES}
@@ -66,11 +66,13 @@ def backbone_file(params: dict) -> dict:
     missing = {f for f in missing if not Path(f).exists()}
     if not missing:
         return params
-    folder, roles = Path(tempfile.mkdtemp()), {}
+    folder = Path(tempfile.mkdtemp())
+    stand_in = {f: folder / f"backbone{i}.pt" for i, f in enumerate(sorted(missing))}  # file -> stand-in
+    roles = {}
     for r, m in models.items():
-        if m["backbone_weights"] not in missing:
+        path = stand_in.get(m["backbone_weights"])
+        if path is None:
             continue
-        path = folder / f"{m['backbone']}-{sorted(missing).index(m['backbone_weights'])}.pt"
         if not path.exists():
             torch.save(getattr(torchvision.models, m["backbone"])().state_dict(), path)
         roles[r] = {**params[r], "model": {**params[r].get("model", {}), "backbone_weights": str(path)}}
@@ -165,18 +167,6 @@ def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
     return int(out.stdout.split()[-1]) / 2**20
 
 
-def print_flops(flops: dict[str, float], result: dict) -> None:
-    """The FLOP table and JSON line of ``--flops-only``."""
-    base = flops["none"]
-    print(f"{'method':<16} {'GFLOP':>8} {'ratio':>6}")
-    for m, f in flops.items():
-        print(f"{m:<16} {f:8.2f} {f / base:6.2f}")
-        result[m] = {"gflop": round(f, 3), "flop_ratio": round(f / base, 3)}
-    result["flop_floor"] = round(1 + flops["teacher_forward"] / base, 3)
-    print(f"no method's ratio can be below {result['flop_floor']:.2f} (FLOPs)")
-    print(json.dumps(result))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -200,10 +190,17 @@ def main() -> None:
     steps["teacher_forward"] = make_teacher_forward(params, amp=args.amp, share=shared)
     steps["teacher_forward"](batch)
     flops = {m: gflop(step, batch) for m, step in steps.items()}
+    base_f = flops["none"]
+    flop_entry = {m: {"gflop": round(f, 3), "flop_ratio": round(f / base_f, 3)} for m, f in flops.items()}
+    flop_floor = 1 + flops["teacher_forward"] / base_f
     result = {"threads": torch.get_num_threads(), "batch": args.batch, "size": args.size, "amp": args.amp,
               "shared_backbone": shared}  # fmt: skip
     if args.flops_only:
-        print_flops(flops, result)
+        print(f"{'method':<16} {'GFLOP':>8} {'ratio':>6}")
+        for m, f in flops.items():
+            print(f"{m:<16} {f:8.2f} {f / base_f:6.2f}")
+        print(f"no method's ratio can be below {flop_floor:.2f} (FLOPs)")
+        print(json.dumps({**result, **flop_entry, "flop_floor": round(flop_floor, 3)}))
         return
     times: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(args.rounds):
@@ -213,29 +210,20 @@ def main() -> None:
                 step(batch)
             times[m].append((time.perf_counter() - t) / args.iters)
     memory = {m: peak_memory_mb(m, args) for m in METHODS}
-    base_t, base_m, base_f = statistics.median(times["none"]), memory["none"], flops["none"]
+    base_t, base_m = statistics.median(times["none"]), memory["none"]
     print(f"{'method':<12} {'s/iter':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6} {'GFLOP':>7} {'ratio':>6}")
-    for m in METHODS:
-        t = statistics.median(times[m])
-        f, mem = flops[m], memory[m]
-        print(f"{m:<12} {t:8.3f} {t / base_t:6.2f} {mem:9.0f} {mem / base_m:6.2f} {f:7.2f} {f / base_f:6.2f}")
-        result[m] = {
-            "s_per_iter": round(t, 4),
-            "time_ratio": round(t / base_t, 3),
-            "mem_ratio": round(mem / base_m, 3),
-            "gflop": round(f, 3),
-            "flop_ratio": round(f / base_f, 3),
-        }
-    t, f = statistics.median(times["teacher_forward"]), flops["teacher_forward"]
-    floor, flop_floor = 1 + t / base_t, 1 + f / base_f
-    print(f"{'teacher fwd':<12} {t:8.3f} {t / base_t:6.2f} {'':>16} {f:7.2f} {f / base_f:6.2f}")
+    for m in steps:
+        t, f = statistics.median(times[m]), flops[m]
+        result[m] = {"s_per_iter": round(t, 4), "time_ratio": round(t / base_t, 3)}
+        mem_cols = f"{'':>16}"  # the teacher's forward alone: no memory sample
+        if m in memory:
+            result[m]["mem_ratio"] = round(memory[m] / base_m, 3)
+            mem_cols = f"{memory[m]:9.0f} {memory[m] / base_m:6.2f}"
+        label = "teacher fwd" if m == "teacher_forward" else m
+        print(f"{label:<12} {t:8.3f} {t / base_t:6.2f} {mem_cols} {f:7.2f} {f / base_f:6.2f}")
+        result[m].update(flop_entry[m])
+    floor = 1 + statistics.median(times["teacher_forward"]) / base_t
     print(f"no method's ratio can be below {floor:.2f} (time) / {flop_floor:.2f} (FLOPs)")
-    result["teacher_forward"] = {
-        "s_per_iter": round(t, 4),
-        "time_ratio": round(t / base_t, 3),
-        "gflop": round(f, 3),
-        "flop_ratio": round(f / base_f, 3),
-    }
     result["floor"] = round(floor, 3)
     result["flop_floor"] = round(flop_floor, 3)
     print(json.dumps(result))
